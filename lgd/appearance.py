@@ -1,0 +1,38 @@
+"""Appearance encoder (§3.1(2)): projected student features pooled inside each object's mask, per level."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from lgd.objects import PackedObjects
+
+
+class AppearanceEncoder(nn.Module):
+    """conv3x3 + GroupNorm(1) + ReLU, then mask pooling (sum over the mask / its area) or RoIAlign (App. B(b))."""
+
+    def __init__(self, dim: int = 256, pooling: str = "mask"):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(1, dim), nn.ReLU(inplace=True))
+        self.pooling = pooling
+
+    def forward(self, features: list[torch.Tensor], masks: list[torch.Tensor], objs: PackedObjects) -> torch.Tensor:
+        """features: L maps (B, C, h, w); masks: L of (B, N, h*w). Returns (B, L, N, C)."""
+        out = []
+        for f, m in zip(features, masks):
+            p = self.proj(f)
+            if self.pooling == "mask":
+                emb = torch.einsum("bnp,bcp->bnc", m, p.flatten(2)) / m.sum(-1).clamp(min=1.0)[..., None]
+            else:
+                emb = self._roi(p, objs)
+            out.append(emb)
+        return torch.stack(out, dim=1) * objs.valid[:, None, :, None]
+
+    @staticmethod
+    def _roi(p: torch.Tensor, objs: PackedObjects) -> torch.Tensor:
+        B, N = objs.valid.shape
+        scale = p.shape[-1] / objs.pad_size[1]
+        idx = torch.arange(B, device=p.device, dtype=p.dtype)[:, None, None].expand(B, N, 1)
+        rois = torch.cat([idx, objs.boxes.to(p.dtype)], dim=-1).reshape(B * N, 5)
+        pooled = roi_align(p, rois, output_size=7, spatial_scale=scale, sampling_ratio=2, aligned=True)
+        return pooled.mean(dim=(2, 3)).reshape(B, N, -1)

@@ -1,0 +1,256 @@
+"""Typed, validated configuration of one training trial (detector, data, schedule, LGD §3 switches)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from lgd.typed import ConfigError, build, deep_merge, set_dotted, to_dict
+
+DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+BACKBONES = (
+    "resnet18", "resnet50", "resnet101", "resnext101_32x8d",
+    "resnet18_dcn", "resnet50_dcn", "resnet101_dcn", "resnext101_32x8d_dcn",
+)
+# §4.1: 1x = 90k iterations, lr /10 at 60k and 80k; 2x = 180k (120k, 160k); 3x = 270k (210k, 250k).
+SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000)), "3x": (270_000, (210_000, 250_000))}
+# Official LGD configs: context object for the dense detectors, detached appearance for the R-CNNs.
+DETECTOR_DEFAULTS = {
+    "retinanet": {"use_context": True, "detach_appearance": False},
+    "fcos": {"use_context": True, "detach_appearance": False},
+    "faster_rcnn": {"use_context": False, "detach_appearance": True},
+    "mask_rcnn": {"use_context": False, "detach_appearance": True},
+}
+
+
+@dataclass
+class SyntheticData:
+    """Parameters of the generated shapes dataset (lgd.data.synthetic)."""
+    num_train: int = 48
+    num_val: int = 16
+    image_size: int = 128
+    num_classes: int = 3
+    max_objects: int = 8
+    seed: int = 0
+
+    def check(self):
+        for name in ("num_train", "num_val", "num_classes", "max_objects"):
+            if getattr(self, name) < 1:
+                yield name, "must be >= 1"
+        if self.image_size < 32:
+            yield "image_size", "must be >= 32"
+
+
+@dataclass
+class DataConfig:
+    """COCO-format train/val sets (image folder + instances JSON each), or a synthetic set.
+
+    ``name`` identifies the dataset in the trial's digest; the paths do not, so data can move."""
+    name: str = ""
+    train_images: Optional[str] = None
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    synthetic: Optional[SyntheticData] = None
+    max_objects_per_image: int = 300
+    loader_workers: int = 0
+
+    def check(self):
+        paths = [self.train_images, self.train_annotations, self.val_images, self.val_annotations]
+        if self.synthetic is None and any(p is None for p in paths):
+            yield "", "give either 'synthetic' or all of train_images, train_annotations, val_images, val_annotations"
+        if self.synthetic is not None and any(p is not None for p in paths):
+            yield "", "'synthetic' and dataset paths are mutually exclusive"
+        if self.max_objects_per_image < 1:
+            yield "max_objects_per_image", "must be >= 1"
+
+
+@dataclass
+class InputConfig:
+    """Resizing (§4.1): short side ``min_size`` (ss), or sampled in [0.8, 1] x min_size (ms: 640..800)."""
+    min_size: int = 800
+    max_size: int = 1333
+    multi_scale: bool = False
+
+    def check(self):
+        if self.min_size < 16:
+            yield "min_size", "must be >= 16"
+        if self.max_size < self.min_size:
+            yield "max_size", "must be >= min_size"
+
+    def train_sizes(self) -> tuple[int, ...]:
+        if not self.multi_scale:
+            return (self.min_size,)
+        return tuple(int(round(self.min_size * f)) for f in (0.8, 0.84, 0.88, 0.92, 0.96, 1.0))
+
+
+@dataclass
+class SolverConfig:
+    """SGD with linear warm-up and step decay (§4.1). Iteration counts are in the paper's units and are
+    multiplied by ``iter_scale`` (also the LGD schedule's), so a grid can keep the paper's numbers."""
+    schedule: Literal["1x", "2x", "3x"] = "1x"
+    iter_scale: float = 1.0
+    ims_per_batch: int = 16
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    gamma: float = 0.1
+    checkpoint_period: int = 5000
+    clip_grad_norm: Optional[float] = None
+
+    def check(self):
+        if not 0 < self.iter_scale <= 10:
+            yield "iter_scale", "must be in (0, 10]"
+        if self.ims_per_batch < 1:
+            yield "ims_per_batch", "must be >= 1"
+        if self.base_lr <= 0:
+            yield "base_lr", "must be > 0"
+        if self.weight_decay < 0:
+            yield "weight_decay", "must be >= 0"
+        if self.checkpoint_period < 1:
+            yield "checkpoint_period", "must be >= 1"
+
+    def scaled(self, iters: int) -> int:
+        return int(round(iters * self.iter_scale))
+
+    @property
+    def max_iter(self) -> int:
+        return max(1, self.scaled(SCHEDULES[self.schedule][0]))
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        return tuple(self.scaled(m) for m in SCHEDULES[self.schedule][1])
+
+
+@dataclass
+class TeacherOptimizer:
+    """Optimizer settings of the implicit teacher's modules (official configs: like the student's)."""
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class LGDConfig:
+    """Switches of the method (§3) and of the paper's ablations (Tables 4-6, Appendices A-B)."""
+    enabled: bool = False
+    label_encoder: Literal["pointnet", "mlp", "transformer"] = "pointnet"
+    label_norm: Literal["layernorm", "batchnorm"] = "layernorm"
+    appearance_pooling: Literal["mask", "roialign"] = "mask"
+    detach_appearance: Optional[bool] = None  # None: the detector's default (DETECTOR_DEFAULTS)
+    use_context: Optional[bool] = None  # None: the detector's default
+    segm_masks: bool = False  # Mask R-CNN: instance masks instead of box masks (Table 10)
+    attention_query: Literal["student", "label"] = "student"  # Table 5
+    mapper_inputs: Optional[Literal["objects", "context", "both"]] = None  # Table 6(a); None: all available
+    shared_head: bool = True  # Table 6(b)
+    num_heads: int = 8
+    embed_dim: int = 256
+    distill_weight: float = 1.0  # λ of Eq. 7
+    distill_start: int = 30_000
+    distill_stop_before_end: int = 0
+    freeze_backbone_iters: int = 20_000
+    optimizer: TeacherOptimizer = field(default_factory=TeacherOptimizer)
+
+    def check(self):
+        if self.distill_weight < 0:
+            yield "distill_weight", "λ must be >= 0"
+        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
+            yield "num_heads", f"embed_dim ({self.embed_dim}) must be a positive multiple of num_heads ({self.num_heads})"
+        for name in ("distill_start", "distill_stop_before_end", "freeze_backbone_iters"):
+            if getattr(self, name) < 0:
+                yield name, "must be >= 0"
+
+
+@dataclass
+class TrainConfig:
+    """One trial: what `python -m lgd.train` and each Ray Train worker run."""
+    detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn"] = "retinanet"
+    backbone: str = "resnet50"
+    weights: Optional[str] = None  # backbone weights: a state_dict path or a torchvision enum name
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=SyntheticData()))
+    input: InputConfig = field(default_factory=InputConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    lgd: LGDConfig = field(default_factory=LGDConfig)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "output"
+    log_period: int = 20
+    eval_period: int = 0  # 0: evaluate at the end only
+    eval_teacher: bool = False
+    max_eval_images: Optional[int] = None
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def check(self):
+        if self.backbone not in BACKBONES:
+            yield "backbone", f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"
+        if self.log_period < 1:
+            yield "log_period", "must be >= 1"
+        if self.lgd.segm_masks and self.detector != "mask_rcnn":
+            yield "lgd.segm_masks", "instance-mask pooling needs detector: mask_rcnn"
+        if self.lgd.mapper_inputs in ("context", "both") and not self.use_context:
+            yield "lgd.mapper_inputs", f"{self.lgd.mapper_inputs!r} needs the context object (lgd.use_context)"
+        if self.eval_teacher and not self.lgd.enabled:
+            yield "eval_teacher", "needs lgd.enabled"
+
+    # --- resolved values -------------------------------------------------------------------------
+    @property
+    def use_context(self) -> bool:
+        v = self.lgd.use_context
+        return DETECTOR_DEFAULTS[self.detector]["use_context"] if v is None else v
+
+    @property
+    def detach_appearance(self) -> bool:
+        v = self.lgd.detach_appearance
+        return DETECTOR_DEFAULTS[self.detector]["detach_appearance"] if v is None else v
+
+    @property
+    def mapper_inputs(self) -> str:
+        if self.lgd.mapper_inputs is not None:
+            return self.lgd.mapper_inputs
+        return "both" if self.use_context else "objects"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def digest(self) -> str:
+        """Identity of the trial: a hash of every setting that changes what is trained."""
+        d = self.to_dict()
+        for k in ("output_dir", "log_period", "threads"):
+            d.pop(k)
+        for k in ("loader_workers", "train_images", "train_annotations", "val_images", "val_annotations"):
+            d["data"].pop(k)
+        d["solver"].pop("checkpoint_period")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key=value"])
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
+    data = deep_merge({}, data or {})
+    for o in overrides:
+        key, value = parse_override(o)
+        set_dotted(data, key, value)
+    return build(TrainConfig, data)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    return config_from_dict(data, overrides)

@@ -1,0 +1,1 @@
+"""COCO-format data: the dataset reader, the synthetic shapes generator and batching."""

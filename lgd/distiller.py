@@ -1,0 +1,104 @@
+"""Student detector + implicit teacher + adaptation head: the losses of Eq. 5-7 and their schedule (§3.3)."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lgd.config import TrainConfig
+from lgd.detectors import DetectorAdapter
+from lgd.distillation import AdaptationHead, distillation_loss
+from lgd.objects import pack_objects
+from lgd.teacher import ImplicitTeacher
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Where an iteration sits in the LGD schedule."""
+    student_detached: bool  # before distill_start: only the adaptation head learns from Eq. 5
+    distill_on: bool  # off during the last distill_stop_before_end iterations
+    backbone_frozen: bool  # student backbone gradients dropped for the first freeze_backbone_iters
+
+
+def schedule_phase(cfg: TrainConfig, iteration: int) -> Phase:
+    s = cfg.solver
+    return Phase(
+        student_detached=iteration < s.scaled(cfg.lgd.distill_start),
+        distill_on=iteration < s.max_iter - s.scaled(cfg.lgd.distill_stop_before_end),
+        backbone_frozen=iteration < s.scaled(cfg.lgd.freeze_backbone_iters),
+    )
+
+
+class Distiller(nn.Module):
+    """One module for both methods: with ``lgd.enabled`` off it is the plain detector's training step."""
+
+    def __init__(self, adapter: DetectorAdapter, cfg: TrainConfig, num_classes: int):
+        super().__init__()
+        self.adapter = adapter
+        self.detector = adapter.model
+        self.cfg = cfg
+        self.lgd = cfg.lgd.enabled
+        if self.lgd:
+            lc = cfg.lgd
+            self.teacher = ImplicitTeacher(num_classes, lc.embed_dim, lc.num_heads, lc.label_encoder, lc.label_norm,
+                                           lc.appearance_pooling, lc.attention_query, cfg.mapper_inputs)
+            self.adaptation = AdaptationHead(lc.embed_dim)
+            # Table 6(b): the instructive features go through the student's own head, or an unshared copy
+            self.teacher_heads = None if lc.shared_head else copy.deepcopy(adapter.heads())
+
+    def export(self) -> nn.Module:
+        """The plain torchvision detector: everything LGD added is dropped at inference."""
+        return self.detector
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        if not self.lgd:
+            return []
+        mods = [self.teacher, self.adaptation] + ([self.teacher_heads] if self.teacher_heads is not None else [])
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.detector.backbone.parameters() if p.requires_grad]
+
+    def _heads(self):
+        return self.teacher_heads if self.teacher_heads is not None else self.adapter.heads()
+
+    def instructive(self, features: OrderedDict, images, targets) -> OrderedDict:
+        """The implicit teacher's output at every level, keyed like the student's features."""
+        feats = list(features.values())
+        if self.cfg.detach_appearance:
+            feats = [f.detach() for f in feats]
+        objs = pack_objects(targets, images.image_sizes, tuple(images.tensors.shape[-2:]), self.cfg.use_context,
+                            with_masks=self.cfg.lgd.segm_masks)
+        return OrderedDict(zip(features.keys(), self.teacher(feats, objs)))
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict], iteration: int) -> dict[str, torch.Tensor]:
+        """Loss terms of one step; the weighted total is ``total_loss(terms)``."""
+        images, targets = self.adapter.preprocess(images, targets)
+        features = self.adapter.features(images)
+        losses = self.adapter.losses(features, images, targets, self.adapter.heads())
+        if not self.lgd:
+            return losses
+        phase = schedule_phase(self.cfg, iteration)
+        inst = self.instructive(features, images, targets)
+        tea = self.adapter.losses(inst, images, targets, self._heads())  # Eq. 6
+        losses.update({f"{k}.tea": v for k, v in tea.items()})
+        if phase.distill_on:
+            student = [self.adaptation(f.detach() if phase.student_detached else f) for f in features.values()]
+            losses["distill"] = distillation_loss(student, list(inst.values()))
+        return losses
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 7: detection losses (student and instructive) + λ · distillation."""
+        lam = self.cfg.lgd.distill_weight
+        return sum(v * lam if k == "distill" else v for k, v in losses.items())
+
+    @torch.no_grad()
+    def predict_teacher(self, images: list[torch.Tensor], targets: list[dict]) -> list[dict]:
+        """``eval_teacher``: the detection head applied to the instructive features (needs the labels)."""
+        original = [tuple(im.shape[-2:]) for im in images]
+        images, targets = self.adapter.preprocess(images, targets)  # test-size resize, targets included
+        inst = self.instructive(self.adapter.features(images), images, targets)
+        return self.adapter.predict(inst, images, original, self._heads())

@@ -1,0 +1,293 @@
+"""Grid files: YAML -> validated Grid -> list[TrialSpec]. Pure: no Ray, no MLflow.
+
+A grid names tables; each table is a union of products of axes (``grid``), plus fixed settings. Every
+trial knows its cells (table, row, column); trials with the same resolved config run once and fill every
+cell that names them. Validation reports every problem at once, each with its key path.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lgd.config import SyntheticData, TrainConfig
+from lgd.typed import ConfigError, build, deep_merge, set_dotted
+
+# Axis name -> (config path, value -> config value). Any other axis must be a dotted TrainConfig path.
+AXES = {
+    "detector": ("detector", None),
+    "backbone": ("backbone", None),
+    "schedule": ("solver.schedule", None),
+    "scale": ("input.multi_scale", {"ss": False, "ms": True}),
+    "method": ("lgd.enabled", {"baseline": False, "lgd": True}),
+    "lambda": ("lgd.distill_weight", None),
+    "seed": ("seed", None),
+}
+DISPLAY = {
+    "retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "FRCN", "mask_rcnn": "MRCN",
+    "resnet18": "R-18", "resnet50": "R-50", "resnet101": "R-101", "resnext101_32x8d": "X-101",
+    "resnet18_dcn": "R-18 DCN", "resnet50_dcn": "R-50 DCN", "resnet101_dcn": "R-101 DCN",
+    "resnext101_32x8d_dcn": "X-101 DCN", "baseline": "Baseline", "lgd": "Ours",
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def display(axis: str, value: Any) -> str:
+    if axis == "lambda":
+        return f"λ={value:g}"
+    if isinstance(value, bool):
+        return f"{axis.rsplit('.', 1)[-1]}={'on' if value else 'off'}"
+    if axis.startswith("lgd.") or axis not in AXES:
+        return f"{axis.rsplit('.', 1)[-1]}={value}"
+    return DISPLAY.get(str(value), str(value))
+
+
+@dataclass
+class Resources:
+    """Ray Train ScalingConfig of every trial: workers (DDP ranks) and what each one holds."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def check(self):
+        if self.num_workers < 1:
+            yield "num_workers", "must be >= 1"
+        if self.cpus_per_worker <= 0:
+            yield "cpus_per_worker", "must be > 0"
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset by name: a COCO-layout root (train2017/, val2017/, annotations/), explicit paths, or synthetic."""
+    root: Optional[str] = None
+    train_images: Optional[str] = None
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    synthetic: Optional[SyntheticData] = None
+
+    def data_config(self) -> dict:
+        if self.synthetic is not None:
+            return {"synthetic": self.synthetic.__dict__.copy()}
+        root = Path(self.root) if self.root else None
+
+        def at(value, default):
+            p = value if value is not None else (default if root is not None else None)
+            if p is None:
+                return None
+            return str(root / p) if root is not None and not Path(p).is_absolute() else str(p)
+
+        return {"train_images": at(self.train_images, "train2017"),
+                "train_annotations": at(self.train_annotations, "annotations/instances_train2017.json"),
+                "val_images": at(self.val_images, "val2017"),
+                "val_annotations": at(self.val_annotations, "annotations/instances_val2017.json")}
+
+    def has_location(self) -> bool:
+        return self.synthetic is not None or self.root is not None or all(
+            p is not None for p in (self.train_images, self.train_annotations, self.val_images, self.val_annotations))
+
+
+@dataclass
+class TableSpec:
+    """One table of the paper (or of ours): rows x columns, filled by a union of axis products."""
+    name: str
+    dataset: str
+    rows: list[str]
+    columns: list[str]
+    grid: list[dict[str, list[Any]]]
+    title: str = ""
+    paper: Optional[str] = None  # key into the paper reference numbers
+    fixed: dict[str, Any] = field(default_factory=dict)
+    metric: str = "bbox/AP"
+    scheduler: Optional[Literal["asha"]] = None  # early stopping (λ search)
+
+    def check(self):
+        if not _NAME_RE.match(self.name):
+            yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names files)"
+        if not self.grid:
+            yield "grid", "must list at least one product of axes"
+        if not self.columns:
+            yield "columns", "must name at least one axis"
+
+
+@dataclass
+class Grid:
+    name: str
+    tables: list[TableSpec]
+    description: str = ""
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings of every trial
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = 2  # worker failures a trial recovers from (from its last checkpoint)
+
+    def check(self):
+        if not _NAME_RE.match(self.name):
+            yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names folders)"
+        if self.max_failures < 0:
+            yield "max_failures", "must be >= 0"
+
+
+@dataclass(frozen=True)
+class Cell:
+    table: str
+    row: str
+    column: str
+
+
+@dataclass
+class TrialSpec:
+    """One training run: its resolved config, its identity and every table cell it fills."""
+    digest: str
+    config: dict
+    cells: list[Cell]
+    scheduler: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"digest": self.digest, "config": self.config, "scheduler": self.scheduler,
+                "cells": [c.__dict__ for c in self.cells]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrialSpec":
+        return TrialSpec(d["digest"], d["config"], [Cell(**c) for c in d["cells"]], d.get("scheduler"))
+
+
+def _axis_value(axis: str, value: Any) -> tuple[str, Any]:
+    path, mapping = AXES.get(axis, (axis, None))
+    if mapping is not None:
+        if value not in mapping:
+            raise KeyError(f"{value!r} is not one of {', '.join(map(str, mapping))}")
+        value = mapping[value]
+    return path, value
+
+
+def _check_axis_name(axis: str) -> str | None:
+    """None when ``axis`` is an alias or a dotted TrainConfig key that holds a value; else the problem."""
+    if axis in AXES:
+        return None
+    cls = TrainConfig
+    for part in axis.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return f"unknown axis {axis!r}: neither one of {', '.join(AXES)} nor a config key"
+        tp = typing.get_type_hints(cls)[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        cls = tp if dataclasses.is_dataclass(tp) else (args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None)
+    if cls is not None:
+        return f"axis {axis!r} is a section of the config, not a value"
+    return None
+
+
+def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data: bool = True) -> list[TrialSpec]:
+    """All trials of the grid, deduplicated by config digest; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    roots = dataset_roots or {}
+    for name, root in roots.items():
+        if name not in grid.datasets:
+            problems.append(f"--dataset {name}: the grid names no dataset {name!r} (known: {', '.join(grid.datasets)})")
+        else:
+            grid.datasets[name].root = root
+    for name, ds in grid.datasets.items():
+        if require_data and not ds.has_location():
+            problems.append(f"datasets.{name}: no path; set its root in the grid or pass --dataset {name}=/path/to/root")
+    trials: dict[str, TrialSpec] = {}
+    for ti, table in enumerate(grid.tables):
+        tpath = f"tables[{ti}]"
+        if table.dataset not in grid.datasets:
+            problems.append(f"{tpath}.dataset: unknown dataset {table.dataset!r} (known: {', '.join(grid.datasets) or 'none'})")
+            continue
+        seen: dict[tuple[str, str], str] = {}
+        for bi, block in enumerate(table.grid):
+            bpath = f"{tpath}.grid[{bi}]"
+            bad = False
+            for axis, values in block.items():
+                msg = _check_axis_name(axis)
+                if msg:
+                    problems.append(f"{bpath}.{axis}: {msg}")
+                    bad = True
+                elif not values:
+                    problems.append(f"{bpath}.{axis}: empty axis (list at least one value)")
+                    bad = True
+            for axis in table.rows + table.columns:
+                if axis not in block:
+                    problems.append(f"{bpath}: row/column axis {axis!r} is not set in this product")
+                    bad = True
+            if bad:
+                continue
+            axes = list(block)
+            for combo in itertools.product(*(block[a] for a in axes)):
+                values = dict(zip(axes, combo))
+                dataset = {"name": table.dataset, **grid.datasets[table.dataset].data_config()}
+                for k, v in dataset.items():  # without a root (dry run, report) the paths stay unknown;
+                    if v is None:  # they are not part of the digest
+                        dataset[k] = f"<root of dataset {table.dataset!r} not set>"
+                data = copy.deepcopy(deep_merge(grid.defaults, {"data": dataset}))
+                local: list[str] = []
+                for k, v in table.fixed.items():
+                    if "." in k:
+                        set_dotted(data, k, v)
+                    else:
+                        data = deep_merge(data, {k: v})
+                for axis, v in values.items():
+                    try:
+                        path, cv = _axis_value(axis, v)
+                    except KeyError as e:
+                        local.append(f"{bpath}.{axis}: {e.args[0]}")
+                        continue
+                    set_dotted(data, path, cv)
+                label = ", ".join(f"{a}={v}" for a, v in values.items())
+                if local:
+                    problems.extend(local)
+                    continue
+                try:
+                    cfg = build(TrainConfig, data)
+                except ConfigError as e:
+                    problems.extend(f"{bpath} ({label}): {p}" for p in e.problems)
+                    continue
+                row = " ".join(display(a, values[a]) for a in table.rows)
+                col = " ".join(display(a, values[a]) for a in table.columns)
+                if (row, col) in seen:
+                    problems.append(f"{bpath} ({label}): duplicate cell row {row!r}, column {col!r} "
+                                    f"(also from {seen[(row, col)]})")
+                    continue
+                seen[(row, col)] = label
+                digest = cfg.digest()
+                spec = trials.get(digest)
+                if spec is None:
+                    spec = trials[digest] = TrialSpec(digest, cfg.to_dict(), [], table.scheduler)
+                elif table.scheduler and spec.scheduler != table.scheduler:
+                    spec.scheduler = None  # a cell needs the full run: no early stopping for it
+                spec.cells.append(Cell(table.name, row, col))
+    if problems:
+        raise ConfigError(problems)
+    return list(trials.values())
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    problems: list[str] = []
+    grid = build(Grid, data, "", problems)
+    if grid is not None:
+        names = [t.name for t in grid.tables]
+        for n in {n for n in names if names.count(n) > 1}:
+            problems.append(f"tables: duplicate table name {n!r}")
+        for ti, t in enumerate(grid.tables):
+            for key in t.fixed:
+                if key in ("data", "output_dir"):
+                    problems.append(f"tables[{ti}].fixed.{key}: set by the grid runner, not per table")
+    if problems:
+        raise ConfigError(problems)
+    return grid
+

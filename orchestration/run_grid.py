@@ -1,0 +1,192 @@
+"""Run an experiment grid: every trial a Ray Train TorchTrainer under Ray Tune, recorded in MLflow,
+written out as the paper's tables.
+
+    python orchestration/run_grid.py --grid experiments/quickstart.yaml
+
+Finished cells (found in MLflow by config digest) are never run again; unfinished ones continue from
+their last checkpoint. Exit codes: 0 all cells done, 1 some trials failed, 2 bad input (nothing started).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lgd.config import TrainConfig
+from lgd.data.coco import CocoDetection, DataError
+from lgd.typed import ConfigError, build
+from orchestration.costs import v100_hours
+from orchestration.grid import Grid, TrialSpec, expand, load_grid
+from orchestration.report import default_tracking_uri, experiment_name, write_reports
+from orchestration.tracking import Tracker, TrackingUnavailable
+
+log = logging.getLogger("lgd.grid")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="run_grid.py", description=__doc__.split("\n")[0])
+    p.add_argument("--grid", required=True, help="grid YAML (experiments/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and a cost estimate; run nothing")
+    p.add_argument("--output", help="outputs: MLflow store, tables, reports (default runs/<grid name>)")
+    p.add_argument("--storage", help="trial storage for checkpoints (any pyarrow URI; default <output>/ray_storage)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: sqlite file in --output)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT", help="root folder of a dataset")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest invocation's parent run (finished cells are skipped regardless)")
+    p.add_argument("--max-concurrent", type=int, help="cap on concurrent trials (default: what resources allow)")
+    return p.parse_args(argv)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _dry_run(grid: Grid, specs: list[TrialSpec]) -> None:
+    total = 0.0
+    for s in specs:
+        cfg = build(TrainConfig, s.config)
+        hours = v100_hours(cfg) * 1.0
+        total += hours
+        cells = "; ".join(f"{c.table}: {c.row} / {c.column}" for c in s.cells)
+        r = grid.resources
+        res = f"{r.num_workers}x({r.cpus_per_worker:g} CPU{f' + {r.gpus_per_worker:g} GPU' if r.use_gpu else ''})"
+        print(f"{s.digest}  {res}  {cfg.solver.max_iter:>7} it  ~{hours:8.1f} V100-h  {cells}")
+    print(f"{len(specs)} trials, {sum(len(s.cells) for s in specs)} cells; estimated {total:,.1f} V100-GPU-hours "
+          f"(scaled from the paper's Table 7)")
+
+
+def _check_data(specs: list[TrialSpec]) -> None:
+    """Read every real dataset's annotations once before any trial starts (synthetic ones are generated later)."""
+    seen = set()
+    for s in specs:
+        d = s.config["data"]
+        if d.get("synthetic") is not None:
+            continue
+        for split in ("train", "val"):
+            key = (d[f"{split}_images"], d[f"{split}_annotations"])
+            if key in seen:
+                continue
+            seen.add(key)
+            ds = CocoDetection(key[0], key[1], train=split == "train", max_objects=d["max_objects_per_image"])
+            print(f"dataset {d['name']} {split}: {ds.stats.as_dict()}")
+
+
+def _concurrency(grid: Grid, cap: int | None) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    r = grid.resources
+    n = math.floor(res.get("CPU", 1) / (r.num_workers * r.cpus_per_worker))
+    if r.use_gpu:
+        n = min(n, math.floor(res.get("GPU", 0) / (r.num_workers * r.gpus_per_worker)))
+    if n < 1:
+        raise RuntimeError(f"the Ray cluster ({res}) cannot hold one trial of {r}")
+    return min(n, cap) if cap else n
+
+
+def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -> int:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestration.trial import MLflowRecorder, run_trial
+
+    finished = tracker.finished_digests()
+    todo = [s for s in specs if s.digest not in finished]
+    print(f"{len(specs)} trials: {len(specs) - len(todo)} already finished in MLflow, {len(todo)} to run")
+    if not todo:
+        return 0
+    storage = args.storage or str((out / "ray_storage").resolve())
+    parent = tracker.start_parent(grid.name, {"lgd.grid_file": str(args.grid), "lgd.git_commit": _git_commit()},
+                                  resume=args.resume)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}})
+    errors = 0
+    try:
+        concurrent = _concurrency(grid, args.max_concurrent)
+        resources = dict(grid.resources.__dict__)
+        recorder = MLflowRecorder(tracker, grid.name, parent, {"lgd.grid_file": str(args.grid),
+                                                                "lgd.git_commit": _git_commit()}, resources)
+        for sched in sorted({s.scheduler or "" for s in todo}):
+            group = [s for s in todo if (s.scheduler or "") == sched]
+            names = {s.digest: f"trial-{s.digest}" for s in group}
+            tune_cfg = dict(max_concurrent_trials=concurrent,
+                            trial_name_creator=lambda t: names[t.config["trial"]["digest"]],
+                            trial_dirname_creator=lambda t: names[t.config["trial"]["digest"]])
+            if sched == "asha":
+                tune_cfg.update(scheduler=ASHAScheduler(time_attr="iteration", grace_period=1, reduction_factor=3),
+                                metric="total_loss", mode="min")
+            tuner = tune.Tuner(
+                tune.with_resources(run_trial, {"cpu": 0}),
+                param_space={"trial": tune.grid_search([s.to_dict() for s in group]), "resources": resources,
+                             "storage": storage, "max_failures": grid.max_failures},
+                tune_config=tune.TuneConfig(**tune_cfg),
+                run_config=tune.RunConfig(name=f"tune-{grid.name}-{parent[:8]}{'-' + sched if sched else ''}",
+                                          storage_path=storage, callbacks=[recorder],
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            )
+            results = tuner.fit()
+            errors += len(results.errors)
+    finally:
+        tracker.end_parent(parent, ok=errors == 0)
+        ray.shutdown()
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # fail fast on an unreachable server; our Tracker retries with back-off itself
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        roots = dict(d.split("=", 1) for d in args.dataset if "=" in d)
+        bad = [d for d in args.dataset if "=" not in d]
+        if bad:
+            raise ConfigError([f"--dataset {b}: expected NAME=ROOT" for b in bad])
+        grid = load_grid(args.grid)
+        specs = expand(grid, roots, require_data=not args.dry_run)
+    except ConfigError as e:
+        print(f"error: {args.grid}: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        _dry_run(grid, specs)
+        return 0
+    out = Path(args.output or Path("runs") / grid.name)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = args.tracking_uri or default_tracking_uri(out)
+    tracker = Tracker(uri, experiment_name(grid), artifact_location=None if args.tracking_uri else
+                      (out / "mlartifacts").resolve().as_uri())
+    try:
+        tracker.check()
+        _check_data(specs)
+    except (TrackingUnavailable, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = run(grid, specs, args, out, tracker)
+    text = write_reports(grid, specs, tracker, out)
+    print(text)
+    print(f"tables and report written to {out}/ (report.md, report.html, tables/)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

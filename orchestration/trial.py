@@ -1,0 +1,157 @@
+"""TrialSpec -> a Ray Tune function trainable that fits a Ray Train TorchTrainer (train_loop in every worker),
+and the driver-side Tune callback that records every trial in MLflow."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import yaml
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from lgd.config import TrainConfig
+from lgd.data.coco import DataError
+from lgd.engine import NonFiniteLossError, train_loop
+from lgd.typed import build
+from orchestration.grid import TrialSpec
+from orchestration.tracking import Tracker
+
+log = logging.getLogger("lgd.trial")
+_SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "experiment_tag", "checkpoint_path",
+                                  "should_checkpoint", "diverged_terms", "fatal_error"}
+
+
+class TrialFailed(RuntimeError):
+    """A trial that must not be retried: divergence or bad data."""
+
+
+def worker_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker: train_loop with reports and checkpoints through ray.train."""
+    cfg: TrainConfig = build(TrainConfig, loop_config["config"])
+    ctx = ray.train.get_context()
+    cfg.output_dir = tempfile.mkdtemp(prefix=f"lgd-{loop_config['digest']}-r{ctx.get_world_rank()}-")
+    cfg.threads = loop_config["threads"]
+    device = ray.train.torch.get_device() if loop_config["use_gpu"] else None
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume:
+        try:
+            train_loop(cfg, report, resume_from=resume, device=device)
+        except NonFiniteLossError as e:  # final: retrying from a checkpoint would diverge again
+            ray.train.report({"diverged": 1, "iteration": e.iteration, "diverged_terms": json.dumps(e.terms)})
+        except DataError as e:
+            ray.train.report({"fatal_error": str(e)})
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function trainable of one trial: build and fit its TorchTrainer."""
+    spec = TrialSpec.from_dict(config["trial"])
+    res = config["resources"]
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if res["use_gpu"]:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": spec.config, "digest": spec.digest, "use_gpu": res["use_gpu"],
+                           "threads": max(1, int(res["cpus_per_worker"]))},
+        scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
+                                     resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{spec.digest}",  # the same name finds the same checkpoints after a restart
+            storage_path=config["storage"],
+            failure_config=FailureConfig(max_failures=config["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    m = result.metrics or {}
+    if m.get("diverged"):
+        raise TrialFailed(f"diverged at iteration {m.get('iteration')}: {m.get('diverged_terms')}")
+    if m.get("fatal_error"):
+        raise TrialFailed(m["fatal_error"])
+    if not m.get("done"):
+        raise TrialFailed("training ended without its final evaluation")
+
+
+class MLflowRecorder(tune.Callback):
+    """Driver-side: one MLflow child run per trial, metrics at step = iteration, never a step twice."""
+
+    def __init__(self, tracker: Tracker, grid_name: str, parent_run_id: str, tags: dict[str, str],
+                 resources: dict):
+        self.tracker, self.grid_name, self.parent, self.tags = tracker, grid_name, parent_run_id, tags
+        self.resources = resources
+        self.state: dict[str, dict] = {}  # Tune trial id -> run bookkeeping
+
+    def _spec(self, trial) -> TrialSpec:
+        return TrialSpec.from_dict(trial.config["trial"])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = self._spec(trial)
+        cells = [c.__dict__ for c in spec.cells]
+        run_id, last = self.tracker.trial_run(spec.digest, self.grid_name, self.parent, spec.config, cells,
+                                              {**self.tags, "lgd.early_stopping": spec.scheduler or "none"})
+        if last == 0:
+            self.tracker.log_text(run_id, yaml.safe_dump(spec.config, sort_keys=False), "config.yaml")
+        self.state[trial.trial_id] = {"run_id": run_id, "last": last, "start": time.time(), "history": [],
+                                      "final": {}, "digest": spec.digest}
+        log.info("trial %s -> MLflow run %s (%s)", spec.digest, run_id, ", ".join(
+            f"{c['table']}: {c['row']} / {c['column']}" for c in cells))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        st = self.state.get(trial.trial_id)
+        if st is None:
+            return
+        metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
+        if result.get("diverged"):
+            self.tracker.set_tags(st["run_id"], {"lgd.failure": "non-finite loss",
+                                                 "lgd.failure.iteration": result.get("iteration"),
+                                                 "lgd.failure.terms": result.get("diverged_terms")})
+            return
+        if result.get("fatal_error"):
+            self.tracker.set_tags(st["run_id"], {"lgd.failure": result["fatal_error"]})
+            return
+        step = int(metrics.get("iteration", 0))
+        if metrics.get("done"):
+            st["final"] = metrics
+            self.tracker.log_metrics(st["run_id"], metrics, step)
+        elif step > st["last"]:  # after a restart from a checkpoint, steps already logged are skipped
+            st["last"] = step
+            st["history"].append(metrics)
+            self.tracker.log_metrics(st["run_id"], metrics, step)
+
+    def _close(self, trial, state: str, error: str | None = None):
+        st = self.state.pop(trial.trial_id, None)
+        if st is None:
+            return
+        wall = time.time() - st["start"]
+        r = self.resources
+        gpus = r["num_workers"] * r["gpus_per_worker"] if r["use_gpu"] else 0.0
+        self.tracker.log_metrics(st["run_id"], {"wall_clock_s": wall, "gpu_hours": wall * gpus / 3600.0,
+                                                "cpu_hours": wall * r["num_workers"] * r["cpus_per_worker"] / 3600.0},
+                                 st["last"])
+        if st["final"]:
+            self.tracker.log_text(st["run_id"], json.dumps({"final": st["final"], "history": st["history"]}, indent=1),
+                                  "metrics.json")
+        if error:
+            self.tracker.set_tags(st["run_id"], {"lgd.error": error})
+        self.tracker.finish(st["run_id"], state)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "done" if self.state.get(trial.trial_id, {}).get("final") else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        err = getattr(trial, "error_msg", None) or "trial failed"
+        self._close(trial, "failed", error=str(err)[-4000:])
