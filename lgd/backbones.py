@@ -65,7 +65,7 @@ def _load_weights(arch: str, weights: str | None) -> tuple[resnet.ResNet, bool]:
     return builder(weights=w, norm_layer=norm), True
 
 
-def build_backbone(name: str, weights: str | None, detector: str) -> BackboneWithFPN:
+def build_backbone(name: str, weights: str | None, detector: str, channels: int = 256) -> BackboneWithFPN:
     """ResNet-FPN for ``detector``: P3-P7 for RetinaNet/FCOS, P2-P6 for the R-CNNs (as torchvision)."""
     dcn = name.endswith("_dcn")
     arch = name[: -len("_dcn")] if dcn else name
@@ -80,10 +80,10 @@ def build_backbone(name: str, weights: str | None, detector: str) -> BackboneWit
         if not any(pname.startswith(t) for t in trainable):
             p.requires_grad_(False)
     if detector in ("retinanet", "fcos"):
-        returned, extra = [2, 3, 4], LastLevelP6P7(256, 256)
+        returned, extra = [2, 3, 4], LastLevelP6P7(channels, channels)
     else:
         returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
     c2 = body.inplanes // 8  # 64 for BasicBlock, 256 for Bottleneck
     in_channels = [c2 * 2 ** (i - 1) for i in returned]
-    return BackboneWithFPN(body, {f"layer{k}": str(v) for v, k in enumerate(returned)}, in_channels, 256,
+    return BackboneWithFPN(body, {f"layer{k}": str(v) for v, k in enumerate(returned)}, in_channels, channels,
                            extra_blocks=extra)

@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -25,6 +25,21 @@ DETECTOR_DEFAULTS = {
     "faster_rcnn": {"use_context": False, "detach_appearance": True},
     "mask_rcnn": {"use_context": False, "detach_appearance": True},
 }
+
+
+def detector_option_problems(detector: str, options: dict) -> list[tuple[str, str]]:
+    """Keys of ``detector_options`` that the torchvision constructor of ``detector`` does not take."""
+    import inspect
+
+    from torchvision.models import detection as tvd
+
+    cls = {"retinanet": tvd.RetinaNet, "fcos": tvd.FCOS, "faster_rcnn": tvd.FasterRCNN, "mask_rcnn": tvd.MaskRCNN}[detector]
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone", "num_classes", "min_size",
+                                                                   "max_size", "kwargs"}
+    if detector == "mask_rcnn":
+        allowed |= set(inspect.signature(tvd.FasterRCNN.__init__).parameters) - {"self", "backbone", "num_classes",
+                                                                                  "min_size", "max_size", "kwargs"}
+    return [(k, f"{cls.__name__} takes no option {k!r}") for k in options if k not in allowed]
 
 
 @dataclass
@@ -150,7 +165,6 @@ class LGDConfig:
     mapper_inputs: Optional[Literal["objects", "context", "both"]] = None  # Table 6(a); None: all available
     shared_head: bool = True  # Table 6(b)
     num_heads: int = 8
-    embed_dim: int = 256
     distill_weight: float = 1.0  # λ of Eq. 7
     distill_start: int = 30_000
     distill_stop_before_end: int = 0
@@ -160,8 +174,8 @@ class LGDConfig:
     def check(self):
         if self.distill_weight < 0:
             yield "distill_weight", "λ must be >= 0"
-        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
-            yield "num_heads", f"embed_dim ({self.embed_dim}) must be a positive multiple of num_heads ({self.num_heads})"
+        if self.num_heads < 1:
+            yield "num_heads", "must be >= 1"
         for name in ("distill_start", "distill_stop_before_end", "freeze_backbone_iters"):
             if getattr(self, name) < 0:
                 yield name, "must be >= 0"
@@ -173,6 +187,8 @@ class TrainConfig:
     detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn"] = "retinanet"
     backbone: str = "resnet50"
     weights: Optional[str] = None  # backbone weights: a state_dict path or a torchvision enum name
+    fpn_channels: int = 256  # FPN width = LGD embedding width (paper: 256; small values for CPU tests)
+    detector_options: dict[str, Any] = field(default_factory=dict)  # extra torchvision constructor arguments
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=SyntheticData()))
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -181,7 +197,6 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "output"
     log_period: int = 20
-    eval_period: int = 0  # 0: evaluate at the end only
     eval_teacher: bool = False
     max_eval_images: Optional[int] = None
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -189,6 +204,10 @@ class TrainConfig:
     def check(self):
         if self.backbone not in BACKBONES:
             yield "backbone", f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"
+        if self.fpn_channels < 8 or self.fpn_channels % self.lgd.num_heads:
+            yield "fpn_channels", f"must be >= 8 and a multiple of lgd.num_heads ({self.lgd.num_heads})"
+        for key, msg in detector_option_problems(self.detector, self.detector_options):
+            yield f"detector_options.{key}", msg
         if self.log_period < 1:
             yield "log_period", "must be >= 1"
         if self.lgd.segm_masks and self.detector != "mask_rcnn":

@@ -43,9 +43,9 @@ class Distiller(nn.Module):
         self.lgd = cfg.lgd.enabled
         if self.lgd:
             lc = cfg.lgd
-            self.teacher = ImplicitTeacher(num_classes, lc.embed_dim, lc.num_heads, lc.label_encoder, lc.label_norm,
+            self.teacher = ImplicitTeacher(num_classes, cfg.fpn_channels, lc.num_heads, lc.label_encoder, lc.label_norm,
                                            lc.appearance_pooling, lc.attention_query, cfg.mapper_inputs)
-            self.adaptation = AdaptationHead(lc.embed_dim)
+            self.adaptation = AdaptationHead(cfg.fpn_channels)
             # Table 6(b): the instructive features go through the student's own head, or an unshared copy
             self.teacher_heads = None if lc.shared_head else copy.deepcopy(adapter.heads())
 

@@ -78,7 +78,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
 
 def build_model(cfg: TrainConfig, num_classes: int) -> Distiller:
     adapter = build_detector(cfg.detector, cfg.backbone, num_classes + 1, cfg.input.train_sizes(), cfg.input.max_size,
-                             cfg.weights)
+                             cfg.weights, cfg.fpn_channels, cfg.detector_options)
     return Distiller(adapter, cfg, num_classes)
 
 
@@ -183,6 +183,7 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
         net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.lgd.enabled)
 
     max_iter = cfg.solver.max_iter
+    ckpt_period = max(1, cfg.solver.scaled(cfg.solver.checkpoint_period))
     data_stats = {f"data/{k}": v for k, v in train_ds.stats.as_dict().items()}
     if rank == 0:
         log.info("training %s/%s (%s) for %d iterations on %s x%d; data: %s", cfg.detector, cfg.backbone,
@@ -210,7 +211,8 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
         sched.step()
         it_window += 1
         step = it + 1
-        if step % cfg.log_period == 0 or step == max_iter:
+        is_ckpt = step % ckpt_period == 0 or step == max_iter
+        if step % cfg.log_period == 0 or is_ckpt:
             now = time.time()
             row = {"iteration": step, "total_loss": float(total.detach()), **terms,
                    "lr": opt.param_groups[0]["lr"], "time/iter_s": (now - t_window) / max(1, it_window)}
@@ -220,7 +222,7 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
                 log.info("iter %d/%d  loss %.4f  %s", step, max_iter, row["total_loss"],
                          "  ".join(f"{k} {v:.4f}" for k, v in terms.items()))
             ckpt = None
-            if step % cfg.solver.checkpoint_period == 0 or step == max_iter:
+            if is_ckpt:
                 ckpt = str(out / "checkpoints" / f"iter_{step:07d}")
                 if rank == 0:
                     save_checkpoint(Path(ckpt), model, opt, sched, step, history)
@@ -241,6 +243,6 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
         log.info("evaluation: %s", {k: round(v, 2) for k, v in metrics.items() if "/AP" in k})
         (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=1))
         torch.save(model.export().state_dict(), out / "model_final.pt")
-    metrics["done"] = 1
+    metrics["finished"] = 1  # the last report of a trial: carries the evaluation
     report(metrics, None)
     return metrics

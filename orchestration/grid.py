@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from lgd.config import SyntheticData, TrainConfig
+from lgd.config import DETECTORS, SyntheticData, TrainConfig
 from lgd.typed import ConfigError, build, deep_merge, set_dotted
 
 # Axis name -> (config path, value -> config value). Any other axis must be a dotted TrainConfig path.
@@ -125,6 +125,7 @@ class Grid:
     description: str = ""
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig settings of every trial
+    detector_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # per detector, over defaults
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2  # worker failures a trial recovers from (from its last checkpoint)
 
@@ -133,6 +134,9 @@ class Grid:
             yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names folders)"
         if self.max_failures < 0:
             yield "max_failures", "must be >= 0"
+        for det in self.detector_defaults:
+            if det not in DETECTORS:
+                yield f"detector_defaults.{det}", f"unknown detector; known: {', '.join(DETECTORS)}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class Cell:
     table: str
     row: str
     column: str
+    index: int = 0  # position in the table's expansion: rows and columns keep the grid's order
 
 
 @dataclass
@@ -227,20 +232,24 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                 for k, v in dataset.items():  # without a root (dry run, report) the paths stay unknown;
                     if v is None:  # they are not part of the digest
                         dataset[k] = f"<root of dataset {table.dataset!r} not set>"
-                data = copy.deepcopy(deep_merge(grid.defaults, {"data": dataset}))
+                over: dict = {}  # the table's fixed settings, then the axes: they win over every default
                 local: list[str] = []
                 for k, v in table.fixed.items():
                     if "." in k:
-                        set_dotted(data, k, v)
+                        set_dotted(over, k, copy.deepcopy(v))
                     else:
-                        data = deep_merge(data, {k: v})
+                        over = deep_merge(over, {k: copy.deepcopy(v)})
                 for axis, v in values.items():
                     try:
                         path, cv = _axis_value(axis, v)
                     except KeyError as e:
                         local.append(f"{bpath}.{axis}: {e.args[0]}")
                         continue
-                    set_dotted(data, path, cv)
+                    set_dotted(over, path, cv)
+                detector = over.get("detector", grid.defaults.get("detector", "retinanet"))
+                data = deep_merge(grid.defaults, {"data": dataset})
+                data = deep_merge(data, grid.detector_defaults.get(str(detector), {}))
+                data = copy.deepcopy(deep_merge(data, over))
                 label = ", ".join(f"{a}={v}" for a, v in values.items())
                 if local:
                     problems.extend(local)
@@ -263,7 +272,7 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                     spec = trials[digest] = TrialSpec(digest, cfg.to_dict(), [], table.scheduler)
                 elif table.scheduler and spec.scheduler != table.scheduler:
                     spec.scheduler = None  # a cell needs the full run: no early stopping for it
-                spec.cells.append(Cell(table.name, row, col))
+                spec.cells.append(Cell(table.name, row, col, len(seen)))
     if problems:
         raise ConfigError(problems)
     return list(trials.values())

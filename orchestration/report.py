@@ -65,23 +65,22 @@ def collect(grid: Grid, specs: list[TrialSpec], runs: dict, reference: dict) -> 
         ref = reference.get(table.paper or "", {}) if table.paper else {}
         ref_rows = ref.get("rows", {})
         cells: dict[tuple[str, str], CellResult] = {}
-        rows, cols = [], []
-        for spec in specs:
+        placed = sorted(((c, spec) for spec in specs for c in spec.cells if c.table == table.name),
+                        key=lambda cs: cs[0].index)
+        rows = list(dict.fromkeys(c.row for c, _ in placed))
+        cols = list(dict.fromkeys(c.column for c, _ in placed))
+        for c, spec in placed:
             run = runs.get(spec.digest)
-            for c in spec.cells:
-                if c.table != table.name:
-                    continue
-                rows += [c.row] if c.row not in rows else []
-                cols += [c.column] if c.column not in cols else []
-                status = status_name(run)
-                value = run.data.metrics.get(table.metric) if run is not None and status == "done" else None
-                paper = ref_rows.get(c.row, {}).get(c.column)
-                cells[(c.row, c.column)] = CellResult(status, value, paper, run.info.run_id if run else None)
-        for col in ref.get("columns", []):  # comparator columns known from the paper only
+            status = status_name(run)
+            value = run.data.metrics.get(table.metric) if run is not None and status == "done" else None
+            paper = ref_rows.get(c.row, {}).get(c.column)
+            cells[(c.row, c.column)] = CellResult(status, value, paper, run.info.run_id if run else None)
+        ref_cols = list(ref.get("columns", []))
+        for col in ref_cols:  # comparator columns known from the paper only
             if col not in cols:
-                cols.append(col)
                 for row in rows:
                     cells[(row, col)] = CellResult("paper-only", None, ref_rows.get(row, {}).get(col))
+        cols = ref_cols + [c for c in cols if c not in ref_cols]  # the paper's order first
         out.append(TableResult(table, table.title or ref.get("title", table.name), rows, cols, cells))
     return out
 

@@ -114,11 +114,13 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
     storage = args.storage or str((out / "ray_storage").resolve())
     parent = tracker.start_parent(grid.name, {"lgd.grid_file": str(args.grid), "lgd.git_commit": _git_commit()},
                                   resume=args.resume)
+    # Trials queue for workers on a busy cluster: waiting is normal, so wait long before calling it a failure.
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")}
     if args.address:
-        ray.init(address=args.address, log_to_driver=True)
+        ray.init(address=args.address, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})  # state API: Train cleans up with it
     errors = 0
     try:
         concurrent = _concurrency(grid, args.max_concurrent)
@@ -135,7 +137,7 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
                 tune_cfg.update(scheduler=ASHAScheduler(time_attr="iteration", grace_period=1, reduction_factor=3),
                                 metric="total_loss", mode="min")
             tuner = tune.Tuner(
-                tune.with_resources(run_trial, {"cpu": 0}),
+                tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20}),  # the trial driver itself holds no CPU
                 param_space={"trial": tune.grid_search([s.to_dict() for s in group]), "resources": resources,
                              "storage": storage, "max_failures": grid.max_failures},
                 tune_config=tune.TuneConfig(**tune_cfg),

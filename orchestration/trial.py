@@ -82,7 +82,7 @@ def run_trial(config: dict) -> None:
         raise TrialFailed(f"diverged at iteration {m.get('iteration')}: {m.get('diverged_terms')}")
     if m.get("fatal_error"):
         raise TrialFailed(m["fatal_error"])
-    if not m.get("done"):
+    if not m.get("finished"):
         raise TrialFailed("training ended without its final evaluation")
 
 
@@ -124,7 +124,7 @@ class MLflowRecorder(tune.Callback):
             self.tracker.set_tags(st["run_id"], {"lgd.failure": result["fatal_error"]})
             return
         step = int(metrics.get("iteration", 0))
-        if metrics.get("done"):
+        if metrics.get("finished"):
             st["final"] = metrics
             self.tracker.log_metrics(st["run_id"], metrics, step)
         elif step > st["last"]:  # after a restart from a checkpoint, steps already logged are skipped

@@ -108,10 +108,10 @@ _MODELS = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mas
 
 
 def build_detector(detector: str, backbone: str, num_classes: int, min_sizes: tuple[int, ...], max_size: int,
-                   weights: str | None = None) -> DetectorAdapter:
+                   weights: str | None = None, channels: int = 256, options: dict | None = None) -> DetectorAdapter:
     """A torchvision detector with a ResNet-FPN backbone; ``num_classes`` counts the background (K + 1)."""
     if detector not in _MODELS:
         raise ValueError(f"unknown detector {detector!r}; known: {', '.join(_MODELS)}")
-    model = _MODELS[detector](build_backbone(backbone, weights, detector), num_classes=num_classes,
-                              min_size=min_sizes, max_size=max_size)
+    model = _MODELS[detector](build_backbone(backbone, weights, detector, channels), num_classes=num_classes,
+                              min_size=min_sizes, max_size=max_size, **(options or {}))
     return ADAPTERS[detector](model)

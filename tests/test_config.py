@@ -1,0 +1,58 @@
+import pytest
+
+from lgd.config import config_from_dict, load_config
+from lgd.typed import ConfigError
+
+
+def test_unknown_keys_and_bad_values_are_all_reported_with_paths():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"detectr": "fcos", "solver": {"base_lr": "fast", "shedule": "1x"},
+                          "lgd": {"distill_weight": -1.0}, "backbone": "resnet7"})
+    probs = "\n".join(e.value.problems)
+    assert "detectr: unknown key (did you mean 'detector'?)" in probs
+    assert "solver.shedule: unknown key" in probs
+    assert "solver.base_lr: expected a number" in probs
+    assert "lgd.distill_weight: λ must be >= 0" in probs
+    assert len(e.value.problems) == 4  # backbone is checked once the types are right
+
+
+def test_detector_defaults_and_overrides(make_config):
+    retina = make_config(detector="retinanet")
+    frcn = make_config(detector="faster_rcnn")
+    assert retina.use_context and not retina.detach_appearance
+    assert not frcn.use_context and frcn.detach_appearance
+    assert frcn.mapper_inputs == "objects" and retina.mapper_inputs == "both"
+    cfg = config_from_dict({}, ["lgd.enabled=true", "solver.schedule=2x", "solver.iter_scale=0.001"])
+    assert cfg.lgd.enabled and cfg.solver.max_iter == 180 and cfg.solver.milestones == (120, 160)
+
+
+def test_context_ablation_needs_context():
+    with pytest.raises(ConfigError, match="lgd.mapper_inputs"):
+        config_from_dict({"detector": "faster_rcnn", "lgd": {"mapper_inputs": "both"}})
+
+
+def test_detector_options_are_checked_against_torchvision():
+    with pytest.raises(ConfigError, match="detector_options.box_batch_size_per_image"):
+        config_from_dict({"detector": "retinanet", "detector_options": {"box_batch_size_per_image": 4}})
+    cfg = config_from_dict({"detector": "faster_rcnn", "detector_options": {"box_batch_size_per_image": 4}})
+    assert cfg.detector_options == {"box_batch_size_per_image": 4}
+
+
+def test_digest_tracks_what_is_trained_only(make_config):
+    a = make_config()
+    assert a.digest() == make_config(output_dir="elsewhere", log_period=7).digest()
+    assert a.digest() != make_config(lgd={"distill_weight": 2.0}).digest()
+    b = config_from_dict({"data": {"name": "coco", "train_images": "/a", "train_annotations": "/a.json",
+                                   "val_images": "/b", "val_annotations": "/b.json", "synthetic": None}})
+    c = config_from_dict({"data": {"name": "coco", "train_images": "/x", "train_annotations": "/x.json",
+                                   "val_images": "/y", "val_annotations": "/y.json", "synthetic": None}})
+    assert b.digest() == c.digest()  # moving a dataset does not make its trials new
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("detector: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")

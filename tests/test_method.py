@@ -1,0 +1,124 @@
+"""The LGD modules of §3: per-image isolation, permutation, pooling, context, gradients of Eq. 5-7."""
+import pytest
+import torch
+
+from lgd.appearance import AppearanceEncoder
+from lgd.distillation import distillation_loss
+from lgd.label_encoder import build_label_encoder
+from lgd.objects import pack_objects
+from lgd.relation_adapter import RelationAdapter
+
+K = 3
+
+
+def _targets(seed=0, counts=(3, 2), size=64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * size * 0.6
+        wh = torch.rand(n, 2, generator=g) * size * 0.3 + 4
+        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, K + 1, (n,), generator=g)})
+    return out
+
+
+def _pack(targets, context=True):
+    return pack_objects(targets, [(64, 64)] * len(targets), (64, 64), use_context=context)
+
+
+@pytest.mark.parametrize("kind", ["pointnet", "mlp", "transformer"])
+def test_label_encoder_output_of_an_image_ignores_other_images(kind):
+    torch.manual_seed(0)
+    enc = build_label_encoder(kind, 4 + K, 32, "layernorm", 4).eval()
+    a, b = _targets(0), _targets(1, counts=(3, 5))
+    b[0] = a[0]  # same first image, different second image (and more padding)
+    pa, pb = _pack(a), _pack(b)
+    ea = enc(pa.descriptors(K), pa.valid)
+    eb = enc(pb.descriptors(K), pb.valid)
+    n = int(pa.valid[0].sum())
+    torch.testing.assert_close(ea[0, :n], eb[0, :n], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ea[1, :2], eb[1, :2])
+
+
+def test_batchnorm_variant_does_mix_images_in_training():
+    torch.manual_seed(0)
+    enc = build_label_encoder("pointnet", 4 + K, 32, "batchnorm", 4).train()
+    a, b = _targets(0), _targets(1)
+    b[0] = a[0]
+    pa, pb = _pack(a), _pack(b)
+    assert not torch.allclose(enc(pa.descriptors(K), pa.valid)[0], enc(pb.descriptors(K), pb.valid)[0])
+
+
+def test_pointnet_is_permutation_equivariant_within_an_image():
+    torch.manual_seed(0)
+    enc = build_label_encoder("pointnet", 4 + K, 32, "layernorm", 4).eval()
+    t = _targets(2, counts=(4,))
+    perm = torch.tensor([2, 0, 3, 1])
+    tp = [{"boxes": t[0]["boxes"][perm], "labels": t[0]["labels"][perm]}]
+    p, pp = _pack(t), _pack(tp)
+    e, ep = enc(p.descriptors(K), p.valid), enc(pp.descriptors(K), pp.valid)
+    torch.testing.assert_close(ep[0, 1:], e[0, 1:][perm], rtol=1e-5, atol=1e-5)  # slot 0 is the context
+    torch.testing.assert_close(ep[0, 0], e[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_descriptor_layout_and_context_object():
+    t = [{"boxes": torch.tensor([[0.0, 16.0, 32.0, 64.0]]), "labels": torch.tensor([2])}]
+    p = pack_objects(t, [(48, 64)], (64, 128), use_context=True)
+    d = p.descriptors(K)
+    # object: box / (W=128, H=64) then one-hot, all mapped to [-1, 1]
+    torch.testing.assert_close(d[0, 1], torch.tensor([-1.0, -0.5, -0.5, 1.0, -1.0, 1.0, -1.0]))
+    # context: the whole image (w=64, h=48 inside the 128x64 padding), zero class vector
+    torch.testing.assert_close(d[0, 0], torch.tensor([-1.0, -1.0, 0.0, 0.5, -1.0, -1.0, -1.0]))
+    m = p.level_masks((8, 16)).reshape(1, 2, 8, 16)
+    assert m[0, 0, :6, :8].all() and m[0, 0].sum() == 48  # context: exactly the image area at stride 8
+    assert m[0, 1, 2:8, 0:4].all() and m[0, 1].sum() == 24
+
+
+def test_mask_pooling_equals_hand_computed_mean():
+    torch.manual_seed(0)
+    enc = AppearanceEncoder(8, "mask")
+    t = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1])}]
+    p = pack_objects(t, [(64, 64)], (64, 64), use_context=True)
+    f = torch.randn(1, 8, 8, 8)
+    masks = [p.level_masks((8, 8))]
+    emb = enc([f], masks, p)
+    proj = enc.proj(f)
+    torch.testing.assert_close(emb[0, 0, 1], proj[0, :, 1:5, 1:3].mean(dim=(1, 2)))
+    torch.testing.assert_close(emb[0, 0, 0], proj[0].mean(dim=(1, 2)))  # context: the whole image
+
+
+def test_small_box_still_covers_one_cell_and_padding_is_zero():
+    t = [{"boxes": torch.tensor([[9.0, 9.0, 10.0, 10.0]]), "labels": torch.tensor([1])},
+         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    p = pack_objects(t, [(64, 64), (64, 64)], (64, 64), use_context=False)
+    m = p.level_masks((4, 4))
+    assert m[0, 0].sum() == 1 and m[1].sum() == 0
+    assert p.valid.tolist() == [[True], [False]]
+
+
+def test_relation_adapter_attends_within_each_image_only():
+    torch.manual_seed(0)
+    ra = RelationAdapter(16, 4, "student").eval()
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    lab, app = torch.randn(2, 3, 16), torch.randn(2, 2, 3, 16)
+    out = ra(lab, app, valid)
+    lab2, app2 = lab.clone(), app.clone()
+    lab2[1], app2[1] = torch.randn(3, 16), torch.randn(2, 3, 16)
+    lab2[0, 2] = 100.0  # padding of image 0 changes too: it must be ignored
+    out2 = ra(lab2, app2, valid)
+    torch.testing.assert_close(out[0], out2[0])
+    assert out[0, :, 2].abs().sum() == 0
+    ra_label = RelationAdapter(16, 4, "label").eval()
+    ra_label.load_state_dict(ra.state_dict())
+    assert not torch.allclose(ra_label(lab, app, valid), out)
+
+
+def test_distillation_loss_is_instance_normalised_and_stops_gradient():
+    s = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 1, 1, requires_grad=True)]
+    t = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 1, 1, requires_grad=True)]
+    loss = distillation_loss(s, t)
+    loss.backward()
+    assert t[0].grad is None and t[1].grad is None and s[0].grad is not None
+    # invariant to per-channel affine changes of either side (InstanceNorm on both)
+    same = distillation_loss([x * 3 + 1 for x in s], [x * 0.5 - 2 for x in t])
+    torch.testing.assert_close(same, loss.detach(), rtol=1e-3, atol=1e-4)
+    assert distillation_loss(s, s).item() == pytest.approx(0.0, abs=1e-8)

@@ -1,0 +1,153 @@
+"""Distiller on the four torchvision detectors: gradients of Eq. 5-7, the schedule, training and resuming."""
+import json
+import math
+
+import pytest
+import torch
+import torchvision
+
+from lgd.data.coco import collate
+from lgd.distiller import schedule_phase
+from lgd.engine import NonFiniteLossError, build_datasets, build_model, build_optimizer, load_checkpoint, train_loop
+
+DETECTORS = ["retinanet", "fcos", "faster_rcnn", "mask_rcnn"]
+RCNN_OPTS = {"rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}
+
+
+def _setup(make_config, detector, lgd=True, **lgd_over):
+    opts = RCNN_OPTS if "rcnn" in detector else {}
+    cfg = make_config(detector=detector, detector_options=opts,
+                      lgd={"enabled": lgd, "segm_masks": detector == "mask_rcnn" and lgd, **lgd_over})
+    train, _ = build_datasets(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, train.num_classes)
+    model.train()
+    images, targets = collate([train[i] for i in range(2)])
+    return cfg, model, images, targets
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("lgd", [False, True], ids=["baseline", "lgd"])
+def test_every_detector_trains_with_finite_decreasing_loss(make_config, detector, lgd):
+    cfg, model, images, targets = _setup(make_config, detector, lgd)
+    opt, sched = build_optimizer(cfg, model)
+    totals = []
+    for it in range(8):  # the same batch again and again: the loss must fall
+        losses = model(images, targets, iteration=5)
+        total = model.total_loss(losses)
+        assert all(math.isfinite(v.item()) for v in losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        totals.append(total.item())
+    assert sum(totals[-3:]) / 3 < sum(totals[:3]) / 3, totals
+    if lgd:
+        assert "distill" in losses and any(k.endswith(".tea") for k in losses)
+    exported = model.export()
+    assert type(exported).__module__.startswith("torchvision.models.detection")
+    assert not any(k.startswith(("teacher", "adaptation")) for k in exported.state_dict())
+
+
+def _grads(params):
+    return [p.grad for p in params]
+
+
+def test_distillation_gives_no_gradient_to_the_teacher_and_none_to_the_student_before_start(make_config):
+    cfg, model, images, targets = _setup(make_config, "retinanet")
+    start = cfg.solver.scaled(cfg.lgd.distill_start)
+    assert schedule_phase(cfg, start - 1).student_detached and not schedule_phase(cfg, start).student_detached
+    teacher = [p for p in model.teacher.parameters()]
+    backbone = model.backbone_parameters()
+    adaptation = list(model.adaptation.parameters())
+
+    model.zero_grad()
+    model(images, targets, iteration=start - 1)["distill"].backward()
+    assert all(g is None or g.abs().sum() == 0 for g in _grads(teacher))
+    assert all(g is None or g.abs().sum() == 0 for g in _grads(backbone))
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(adaptation))
+
+    model.zero_grad()
+    model(images, targets, iteration=start)["distill"].backward()
+    assert all(g is None or g.abs().sum() == 0 for g in _grads(teacher))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(backbone))
+
+
+def test_teacher_detection_losses_reach_every_teacher_module(make_config):
+    cfg, model, images, targets = _setup(make_config, "faster_rcnn")
+    losses = model(images, targets, iteration=0)
+    model.zero_grad()
+    sum(v for k, v in losses.items() if k.endswith(".tea")).backward()
+    for name in ("label_encoder", "appearance_encoder", "relation_adapter", "knowledge_mapper"):
+        mod = getattr(model.teacher, name)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.parameters()), name
+    # Faster R-CNN detaches the appearance features: teacher losses leave the backbone alone
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.backbone_parameters())
+
+
+def test_unshared_head_and_stop_before_end(make_config):
+    cfg, model, images, targets = _setup(make_config, "retinanet", shared_head=False, distill_stop_before_end=10000)
+    assert model.teacher_heads is not None
+    losses = model(images, targets, iteration=cfg.solver.max_iter - 1)
+    assert "distill" not in losses
+    model.zero_grad()
+    sum(v for k, v in losses.items() if k.endswith(".tea")).backward()
+    assert all(p.grad is None for p in model.detector.head.parameters())
+    assert any(p.grad is not None for p in model.teacher_heads.parameters())
+
+
+@pytest.mark.parametrize("variant", [{"label_encoder": "mlp"}, {"label_encoder": "transformer"},
+                                     {"label_norm": "batchnorm"}, {"appearance_pooling": "roialign"},
+                                     {"attention_query": "label"}, {"mapper_inputs": "context"},
+                                     {"mapper_inputs": "objects"}])
+def test_ablation_variants_run(make_config, variant):
+    cfg, model, images, targets = _setup(make_config, "retinanet", **variant)
+    losses = model(images, targets, iteration=5)
+    model.total_loss(losses).backward()
+    assert all(math.isfinite(v.item()) for v in losses.values())
+
+
+def test_train_loop_end_to_end_reports_checkpoints_and_resumes(make_config, tmp_path):
+    cfg = make_config(lgd={"enabled": True, "freeze_backbone_iters": 30000}, output_dir=str(tmp_path / "a"),
+                      eval_teacher=True, solver={"checkpoint_period": 40000})
+    reports = []
+    metrics = train_loop(cfg, lambda m, c=None: reports.append((m, c)))
+    assert cfg.solver.max_iter == 9
+    steps = [m["iteration"] for m, _ in reports if "total_loss" in m]
+    assert steps == [2, 4, 6, 8, 9]
+    ckpts = [c for _, c in reports if c]
+    assert [c[-2:] for c in ckpts] == ["04", "08", "09"]  # every 4 iterations and the last
+    assert reports[-1][0]["finished"] == 1 and "bbox/AP" in metrics and "teacher/bbox/AP" in metrics
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["final"]["bbox/AP"] == metrics["bbox/AP"] and saved["history"][-1]["iteration"] == 9
+    state = load_checkpoint(ckpts[0])
+    assert state["iteration"] == 4
+    plain = torchvision.models.detection.RetinaNet.__name__
+    assert type(build_model(cfg, 3).export()).__name__ == plain
+    # resume from iteration 4: only the remaining iterations run
+    cfg2 = make_config(lgd={"enabled": True, "freeze_backbone_iters": 30000}, output_dir=str(tmp_path / "b"),
+                       solver={"checkpoint_period": 40000})
+    again = []
+    train_loop(cfg2, lambda m, c=None: again.append(m), resume_from=ckpts[0])
+    assert [m["iteration"] for m in again if "total_loss" in m][0] == 6
+
+
+def test_frozen_backbone_does_not_move(make_config, tmp_path):
+    cfg = make_config(lgd={"enabled": True, "freeze_backbone_iters": 100000}, output_dir=str(tmp_path),
+                      max_eval_images=1)
+    train, _ = build_datasets(cfg)
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in build_model(cfg, train.num_classes).detector.backbone.state_dict().items()}
+    train_loop(cfg)
+    torch.manual_seed(0)
+    state = torch.load(tmp_path / "model_final.pt", weights_only=True)
+    moved = [k for k, v in before.items() if v.is_floating_point() and "running" not in k
+             and not torch.equal(v, state["backbone." + k])]
+    assert moved == []
+
+
+def test_non_finite_loss_names_iteration_and_terms(make_config, tmp_path):
+    cfg = make_config(output_dir=str(tmp_path), solver={"base_lr": 1e12, "clip_grad_norm": None})
+    with pytest.raises(NonFiniteLossError) as e:
+        train_loop(cfg)
+    assert e.value.iteration >= 1 and any(not math.isfinite(v) for v in e.value.terms.values())
+    assert f"iteration {e.value.iteration}" in str(e.value)
