@@ -214,7 +214,8 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
         is_ckpt = step % ckpt_period == 0 or step == max_iter
         if step % cfg.log_period == 0 or is_ckpt:
             now = time.time()
-            row = {"iteration": step, "total_loss": float(total.detach()), **terms,
+            student = sum(v for k, v in terms.items() if not k.endswith(".tea") and k != "distill")
+            row = {"iteration": step, "total_loss": float(total.detach()), "student_loss": student, **terms,
                    "lr": opt.param_groups[0]["lr"], "time/iter_s": (now - t_window) / max(1, it_window)}
             t_window, it_window = now, 0
             history.append(row)

@@ -10,6 +10,26 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 
+class _Invalid:
+    """Marks a value that failed conversion (its problem is already recorded)."""
+
+    def __repr__(self):
+        return "<invalid>"
+
+
+INVALID = _Invalid()
+
+
+def _valid(value: Any) -> bool:
+    if value is INVALID:
+        return False
+    if isinstance(value, list):
+        return all(_valid(v) for v in value)
+    if isinstance(value, dict):
+        return all(_valid(v) for v in value.values())
+    return True
+
+
 class ConfigError(ValueError):
     """One or more configuration problems, each prefixed by its key path."""
 
@@ -44,21 +64,22 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             if not trial:
                 return out
         problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in non_none)}, got {value!r}")
-        return None
+        return INVALID
     if origin is Literal:
         if value not in get_args(tp):
             problems.append(f"{path}: {value!r} is not {_type_name(tp)}")
+            return INVALID
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {value!r}")
-            return value
+            return INVALID
         (item_tp, *_rest) = get_args(tp) or (Any,)
         return [convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {value!r}")
-            return value
+            return INVALID
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {k: convert(val_tp, v, _join(path, str(k)), problems) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
@@ -68,19 +89,22 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: expected true/false, got {value!r}")
+            return INVALID
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{path}: expected an integer, got {value!r}")
+            return INVALID
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {value!r}")
-            return value
+            return INVALID
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             problems.append(f"{path}: expected a string, got {value!r}")
+            return INVALID
         return value
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
 
@@ -89,7 +113,7 @@ def build(cls: type, data: Any, path: str = "", problems: list[str] | None = Non
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are problems.
 
     With ``problems=None`` a :class:`ConfigError` is raised when anything is wrong; otherwise
-    problems are appended and a best-effort instance (or None) is returned.
+    problems are appended and the instance (or ``INVALID`` when it cannot be built) is returned.
     """
     own = problems is None
     problems = [] if own else problems
@@ -99,7 +123,7 @@ def build(cls: type, data: Any, path: str = "", problems: list[str] | None = Non
         problems.append(f"{path or '<root>'}: expected a mapping, got {data!r}")
         if own:
             raise ConfigError(problems)
-        return None
+        return INVALID
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -108,14 +132,15 @@ def build(cls: type, data: Any, path: str = "", problems: list[str] | None = Non
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{_join(path, str(key))}: unknown key{hint}; allowed: {', '.join(fields)}")
     kwargs = {}
-    n_before = len(problems)
+    complete = True
     for name, f in fields.items():
         if name in data:
             kwargs[name] = convert(hints[name], data[name], _join(path, name), problems)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{_join(path, name)}: required key is missing")
-    obj = None
-    if len(problems) == n_before:
+            complete = False
+    obj = INVALID
+    if complete and _valid(kwargs):  # cross-field checks run whenever the values themselves are well-typed
         obj = cls(**kwargs)
         check = getattr(obj, "check", None)
         if check is not None:

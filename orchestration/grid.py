@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from lgd.config import DETECTORS, SyntheticData, TrainConfig
-from lgd.typed import ConfigError, build, deep_merge, set_dotted
+from lgd.typed import INVALID, ConfigError, build, deep_merge, set_dotted
 
 # Axis name -> (config path, value -> config value). Any other axis must be a dotted TrainConfig path.
 AXES = {
@@ -102,7 +102,7 @@ class TableSpec:
     dataset: str
     rows: list[str]
     columns: list[str]
-    grid: list[dict[str, list[Any]]]
+    grid: list[dict[str, Any]]  # products of axes: {axis: [values]}; "row_label"/"column_label" fix a label
     title: str = ""
     paper: Optional[str] = None  # key into the paper reference numbers
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -114,8 +114,6 @@ class TableSpec:
             yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names files)"
         if not self.grid:
             yield "grid", "must list at least one product of axes"
-        if not self.columns:
-            yield "columns", "must name at least one axis"
 
 
 @dataclass
@@ -209,9 +207,19 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
             continue
         seen: dict[tuple[str, str], str] = {}
         for bi, block in enumerate(table.grid):
+            block = dict(block)  # the labels are taken out below; the grid itself stays as loaded
             bpath = f"{tpath}.grid[{bi}]"
             bad = False
+            fixed_labels = {k: block.pop(k) for k in ("row_label", "column_label") if k in block}
+            for k, v in fixed_labels.items():
+                if not isinstance(v, str):
+                    problems.append(f"{bpath}.{k}: expected a string, got {v!r}")
+                    bad = True
             for axis, values in block.items():
+                if not isinstance(values, list):
+                    problems.append(f"{bpath}.{axis}: expected a list of values, got {values!r}")
+                    bad = True
+                    continue
                 msg = _check_axis_name(axis)
                 if msg:
                     problems.append(f"{bpath}.{axis}: {msg}")
@@ -219,10 +227,12 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                 elif not values:
                     problems.append(f"{bpath}.{axis}: empty axis (list at least one value)")
                     bad = True
-            for axis in table.rows + table.columns:
-                if axis not in block:
-                    problems.append(f"{bpath}: row/column axis {axis!r} is not set in this product")
-                    bad = True
+            for kind, names in (("row", table.rows), ("column", table.columns)):
+                for axis in names:
+                    if axis not in block and f"{kind}_label" not in fixed_labels:
+                        problems.append(f"{bpath}: {kind} axis {axis!r} is not set in this product "
+                                        f"(give it, or a {kind}_label)")
+                        bad = True
             if bad:
                 continue
             axes = list(block)
@@ -259,8 +269,9 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                 except ConfigError as e:
                     problems.extend(f"{bpath} ({label}): {p}" for p in e.problems)
                     continue
-                row = " ".join(display(a, values[a]) for a in table.rows)
-                col = " ".join(display(a, values[a]) for a in table.columns)
+                row = fixed_labels.get("row_label") or " ".join(display(a, values[a]) for a in table.rows)
+                col = fixed_labels.get("column_label") or (" ".join(display(a, values[a]) for a in table.columns)
+                                                           or table.metric.rsplit("/", 1)[-1])
                 if (row, col) in seen:
                     problems.append(f"{bpath} ({label}): duplicate cell row {row!r}, column {col!r} "
                                     f"(also from {seen[(row, col)]})")
@@ -288,7 +299,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
     problems: list[str] = []
     grid = build(Grid, data, "", problems)
-    if grid is not None:
+    if grid is not INVALID:
         names = [t.name for t in grid.tables]
         for n in {n for n in names if names.count(n) > 1}:
             problems.append(f"tables: duplicate table name {n!r}")

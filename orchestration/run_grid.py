@@ -135,7 +135,7 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
                             trial_dirname_creator=lambda t: names[t.config["trial"]["digest"]])
             if sched == "asha":
                 tune_cfg.update(scheduler=ASHAScheduler(time_attr="iteration", grace_period=1, reduction_factor=3),
-                                metric="total_loss", mode="min")
+                                metric="student_loss", mode="min")  # comparable across λ
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20}),  # the trial driver itself holds no CPU
                 param_space={"trial": tune.grid_search([s.to_dict() for s in group]), "resources": resources,
@@ -147,6 +147,7 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
             )
             results = tuner.fit()
             errors += len(results.errors)
+        errors = max(errors, len(recorder.failed))  # the recorder also counts trials that reported divergence
     finally:
         tracker.end_parent(parent, ok=errors == 0)
         ray.shutdown()

@@ -29,10 +29,6 @@ _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "experimen
                                   "should_checkpoint", "diverged_terms", "fatal_error"}
 
 
-class TrialFailed(RuntimeError):
-    """A trial that must not be retried: divergence or bad data."""
-
-
 def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker: train_loop with reports and checkpoints through ray.train."""
     cfg: TrainConfig = build(TrainConfig, loop_config["config"])
@@ -76,14 +72,9 @@ def run_trial(config: dict) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    result = trainer.fit()
-    m = result.metrics or {}
-    if m.get("diverged"):
-        raise TrialFailed(f"diverged at iteration {m.get('iteration')}: {m.get('diverged_terms')}")
-    if m.get("fatal_error"):
-        raise TrialFailed(m["fatal_error"])
-    if not m.get("finished"):
-        raise TrialFailed("training ended without its final evaluation")
+    # Divergence and bad data end the workers normally after a last report (so Ray Train does not retry
+    # them); the MLflowRecorder reads that report and records the trial as failed.
+    trainer.fit()
 
 
 class MLflowRecorder(tune.Callback):
@@ -94,6 +85,7 @@ class MLflowRecorder(tune.Callback):
         self.tracker, self.grid_name, self.parent, self.tags = tracker, grid_name, parent_run_id, tags
         self.resources = resources
         self.state: dict[str, dict] = {}  # Tune trial id -> run bookkeeping
+        self.failed: list[str] = []  # digests of trials recorded as failed
 
     def _spec(self, trial) -> TrialSpec:
         return TrialSpec.from_dict(trial.config["trial"])
@@ -106,7 +98,7 @@ class MLflowRecorder(tune.Callback):
         if last == 0:
             self.tracker.log_text(run_id, yaml.safe_dump(spec.config, sort_keys=False), "config.yaml")
         self.state[trial.trial_id] = {"run_id": run_id, "last": last, "start": time.time(), "history": [],
-                                      "final": {}, "digest": spec.digest}
+                                      "final": {}, "digest": spec.digest, "failure": None}
         log.info("trial %s -> MLflow run %s (%s)", spec.digest, run_id, ", ".join(
             f"{c['table']}: {c['row']} / {c['column']}" for c in cells))
 
@@ -116,11 +108,13 @@ class MLflowRecorder(tune.Callback):
             return
         metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
         if result.get("diverged"):
+            st["failure"] = f"non-finite loss at iteration {result.get('iteration')}: {result.get('diverged_terms')}"
             self.tracker.set_tags(st["run_id"], {"lgd.failure": "non-finite loss",
                                                  "lgd.failure.iteration": result.get("iteration"),
                                                  "lgd.failure.terms": result.get("diverged_terms")})
             return
         if result.get("fatal_error"):
+            st["failure"] = result["fatal_error"]
             self.tracker.set_tags(st["run_id"], {"lgd.failure": result["fatal_error"]})
             return
         step = int(metrics.get("iteration", 0))
@@ -147,11 +141,22 @@ class MLflowRecorder(tune.Callback):
                                   "metrics.json")
         if error:
             self.tracker.set_tags(st["run_id"], {"lgd.error": error})
+        if state == "failed":
+            self.failed.append(st["digest"])
+            log.error("trial %s failed: %s", st["digest"], (error or "")[-500:])
         self.tracker.finish(st["run_id"], state)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial, "done" if self.state.get(trial.trial_id, {}).get("final") else "stopped")
+        st = self.state.get(trial.trial_id, {})
+        if st.get("failure"):
+            self._close(trial, "failed", error=st["failure"])
+        else:
+            self._close(trial, "done" if st.get("final") else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        err = getattr(trial, "error_msg", None) or "trial failed"
-        self._close(trial, "failed", error=str(err)[-4000:])
+        err = None
+        try:
+            err = trial.get_error()
+        except Exception:  # the error file may be gone; the message below still says it failed
+            pass
+        self._close(trial, "failed", error=str(err or "trial raised an error (see the Ray logs)")[-4000:])

@@ -1,0 +1,120 @@
+"""A grid survives a killed Ray Train worker and a killed driver, without losing or duplicating a result."""
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from grids import ROOT, run_grid, run_grid_cmd, tiny_grid, write_grid
+
+pytestmark = pytest.mark.slow
+
+
+def _trial_runs(out, grid):
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(f"lgd-grid-{grid}")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    return c, [r for r in runs if r.data.tags.get("lgd.kind") == "trial"]
+
+
+def _wait_for(pred, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpoints(out, digest=None):
+    pattern = f"trial-{digest}/checkpoint_*" if digest else "trial-*/checkpoint_*"
+    return sorted((out / "ray_storage").glob(pattern))
+
+
+def _train_workers():
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except psutil.Error:
+            continue
+    return procs
+
+
+def _popen(grid, out, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(run_grid_cmd(grid, out, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+
+
+def _steps(client, run, key="total_loss"):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_killed_worker_resumes_from_its_checkpoint_with_one_clean_run(tmp_path):
+    # 27 iterations, a checkpoint every 4, a report every 2
+    grid = write_grid(tmp_path, tiny_grid("workerloss", [
+        {"name": "t", "dataset": "shapes", "rows": ["detector"], "columns": ["method"],
+         "grid": [{"detector": ["retinanet"], "method": ["lgd"]}]}], iter_scale=0.0003, checkpoint_period=13334))
+    out = tmp_path / "out"
+    proc = _popen(grid, out)
+    try:
+        _wait_for(lambda: _checkpoints(out), 300, "a first checkpoint")
+        victims = _wait_for(_train_workers, 60, "a Ray Train worker process")
+        for v in victims:
+            v.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    client, runs = _trial_runs(out, "workerloss")
+    assert len(runs) == 1 and runs[0].data.tags["lgd.state"] == "done"
+    steps = _steps(client, runs[0])
+    assert steps == list(range(2, 27, 2)) + [27], steps  # no iteration missing, none twice
+    assert "bbox/AP" in runs[0].data.metrics
+
+
+def test_killed_driver_resumes_without_rerunning_finished_cells(tmp_path):
+    tables = [{"name": "t", "dataset": "shapes", "rows": ["detector"], "columns": ["method"],
+               "grid": [{"detector": ["retinanet"], "method": ["baseline", "lgd"]}]}]
+    grid = write_grid(tmp_path, tiny_grid("driverloss", tables, iter_scale=0.0003, checkpoint_period=13334))
+    out = tmp_path / "out"
+    proc = _popen(grid, out, "--max-concurrent", "1")
+    try:
+        def one_done_one_checkpointed():
+            c, runs = _trial_runs(out, "driverloss") if (out / "mlflow.db").exists() else (None, [])
+            done = [r for r in runs if r.data.tags.get("lgd.state") == "done"]
+            others = [r for r in runs if r.data.tags.get("lgd.state") == "running"]
+            if done and others and _checkpoints(out, others[0].data.tags["lgd.digest"]):
+                return done[0], others[0]
+            return None
+        done_run, partial = _wait_for(one_done_one_checkpointed, 480, "one finished trial and one checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    partial_steps = _steps(MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), partial)
+    assert partial_steps and partial_steps[-1] < 27
+
+    again = run_grid(grid, out, "--resume")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "1 already finished in MLflow, 1 to run" in again.stdout
+    client, runs = _trial_runs(out, "driverloss")
+    assert len(runs) == 2 and all(r.data.tags["lgd.state"] == "done" for r in runs)
+    by_id = {r.info.run_id: r for r in runs}
+    assert done_run.info.run_id in by_id and partial.info.run_id in by_id  # the same two runs, none added
+    assert by_id[done_run.info.run_id].info.end_time == done_run.info.end_time  # the finished one untouched
+    steps = _steps(client, by_id[partial.info.run_id])
+    assert steps == list(range(2, 27, 2)) + [27], steps
+    rows = (out / "tables" / "t.csv").read_text()
+    assert rows.count(",done,") == 2
+
+    third = run_grid(grid, out)
+    assert third.returncode == 0 and "2 already finished in MLflow, 0 to run" in third.stdout
+    assert len(_trial_runs(out, "driverloss")[1]) == 2
