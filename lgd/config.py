@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from lgd.typed import ConfigError, build, deep_merge, set_dotted, to_dict
+from lgd.typed import ConfigError, build, deep_merge, load_yaml, set_dotted, to_dict
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
 BACKBONES = (
@@ -265,11 +265,4 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
-    return config_from_dict(data, overrides)
+    return config_from_dict(load_yaml(path), overrides)

@@ -197,7 +197,12 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
         losses = net(images, targets, it)
         total = model.total_loss(losses)
         terms = {k: float(v.detach()) for k, v in losses.items()}
-        if not math.isfinite(float(total.detach())):
+        finite = math.isfinite(float(total.detach()))
+        if world > 1:  # every rank stops together, none waits forever in the next all-reduce
+            flag = torch.tensor([1.0 if finite else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
             terms["total_loss"] = float(total.detach())
             raise NonFiniteLossError(it + 1, terms)
         opt.zero_grad(set_to_none=True)

@@ -150,6 +150,21 @@ def build(cls: type, data: Any, path: str = "", problems: list[str] | None = Non
     return obj
 
 
+def load_yaml(path) -> Any:
+    """``yaml.safe_load`` of a file; a missing file or bad YAML is a ConfigError naming the file."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+
+
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 

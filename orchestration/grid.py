@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 from lgd.config import DETECTORS, SyntheticData, TrainConfig
-from lgd.typed import INVALID, ConfigError, build, deep_merge, set_dotted
+from lgd.typed import INVALID, ConfigError, build, deep_merge, load_yaml, set_dotted
 
 # Axis name -> (config path, value -> config value). Any other axis must be a dotted TrainConfig path.
 AXES = {
@@ -290,13 +289,7 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
 
 
 def load_grid(path: str | Path) -> Grid:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    data = load_yaml(path)
     problems: list[str] = []
     grid = build(Grid, data, "", problems)
     if grid is not INVALID:

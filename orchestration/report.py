@@ -146,6 +146,15 @@ def run_summary(specs: list[TrialSpec], runs: dict) -> dict[str, int]:
     return counts
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plots(tables: list[TableResult], specs: list[TrialSpec], runs: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -163,10 +172,7 @@ def _plots(tables: list[TableResult], specs: list[TrialSpec], runs: dict, out: P
         ax.set_xlabel("λ (distillation weight)")
         ax.set_ylabel("box AP")
         ax.set_title("AP vs λ")
-        fig.tight_layout()
-        made.append(out / "ap_vs_lambda.png")
-        fig.savefig(made[-1], dpi=120)
-        plt.close(fig)
+        made.append(_save(fig, out / "ap_vs_lambda.png"))
     # Figure 3 in spirit: the gain of LGD over the baseline against the baseline's strength.
     gains = []
     for t in tables:
@@ -184,10 +190,7 @@ def _plots(tables: list[TableResult], specs: list[TrialSpec], runs: dict, out: P
         ax.set_xlabel("baseline AP")
         ax.set_ylabel("AP gain of LGD")
         ax.set_title("Gain vs detector strength (cf. Fig. 3)")
-        fig.tight_layout()
-        made.append(out / "gain_vs_strength.png")
-        fig.savefig(made[-1], dpi=120)
-        plt.close(fig)
+        made.append(_save(fig, out / "gain_vs_strength.png"))
     return made
 
 

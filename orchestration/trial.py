@@ -7,7 +7,6 @@ import json
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 import ray.train
 import yaml

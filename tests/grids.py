@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_grid(name: str, tables: list[dict], iter_scale: float = 0.0001, checkpoint_period: int = 20000,
-              max_failures: int = 2) -> dict:
+              max_failures: int = 2, num_workers: int = 1) -> dict:
     return {
         "name": name,
         "datasets": {"shapes": {"synthetic": {"num_train": 8, "num_val": 4, "image_size": 64, "num_classes": 2,
@@ -23,7 +23,7 @@ def tiny_grid(name: str, tables: list[dict], iter_scale: float = 0.0001, checkpo
                                 "clip_grad_norm": 5.0, "checkpoint_period": checkpoint_period},
                      "lgd": {"num_heads": 4, "distill_start": 20000, "freeze_backbone_iters": 0},
                      "log_period": 2, "max_eval_images": 4},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "resources": {"num_workers": num_workers, "cpus_per_worker": 1},
         "max_failures": max_failures,
         "tables": tables,
     }

@@ -87,7 +87,8 @@ def test_divergence_fails_only_its_trial_and_names_the_iteration(finished_grid):
     assert tags["lgd.failure"] == "non-finite loss" and int(tags["lgd.failure.iteration"]) >= 1
     assert "nan" in tags["lgd.failure.terms"].lower() or "inf" in tags["lgd.failure.terms"].lower()
     rows = list(csv.DictReader((out / "tables" / "unstable.csv").open()))
-    assert rows[0]["status"] == "failed" and rows[0]["ours"] == "failed"
+    assert rows[0]["status"] == "failed" and rows[0]["ours"] == ""
+    assert "| RetinaNet | failed |" in (out / "tables" / "unstable.md").read_text()
 
 
 def test_second_run_of_a_completed_grid_launches_nothing(finished_grid):
@@ -124,7 +125,7 @@ def test_unreachable_tracking_server_stops_before_any_trial(tmp_path):
     assert not (tmp_path / "out" / "ray_storage").exists()
 
 
-def test_one_trial_grid_against_a_real_mlflow_server(tmp_path):
+def test_one_trial_grid_against_a_real_mlflow_server_with_two_ddp_workers(tmp_path):
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -141,8 +142,9 @@ def test_one_trial_grid_against_a_real_mlflow_server(tmp_path):
                 time.sleep(0.5)
         grid = write_grid(tmp_path, tiny_grid("served", [
             {"name": "t", "dataset": "shapes", "rows": ["detector"], "columns": ["method"],
-             "grid": [{"detector": ["retinanet"], "method": ["lgd"]}]}]))
+             "grid": [{"detector": ["retinanet"], "method": ["lgd"]}]}], num_workers=2))
         r = run_grid(grid, tmp_path / "out", "--tracking-uri", uri)
+        assert "world_rank=1" in r.stdout + r.stderr  # two DDP ranks trained this trial
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         exp = client.get_experiment_by_name("lgd-grid-served")
         runs = client.search_runs([exp.experiment_id])
