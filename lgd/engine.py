@@ -185,6 +185,7 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
     max_iter = cfg.solver.max_iter
     ckpt_period = max(1, cfg.solver.scaled(cfg.solver.checkpoint_period))
     data_stats = {f"data/{k}": v for k, v in train_ds.stats.as_dict().items()}
+    data_stats["resumed_from_iteration"] = start  # > 0 when this attempt continued from a checkpoint
     if rank == 0:
         log.info("training %s/%s (%s) for %d iterations on %s x%d; data: %s", cfg.detector, cfg.backbone,
                  "lgd" if cfg.lgd.enabled else "baseline", max_iter, device, world, train_ds.stats.as_dict())

@@ -8,6 +8,7 @@ import logging
 import tempfile
 import time
 
+import pyarrow.fs
 import ray.train
 import yaml
 from ray import tune
@@ -18,7 +19,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from lgd.config import TrainConfig
 from lgd.data.coco import DataError
-from lgd.engine import NonFiniteLossError, train_loop
+from lgd.engine import CHECKPOINT_FILE, NonFiniteLossError, train_loop
 from lgd.typed import build
 from orchestration.grid import TrialSpec
 from orchestration.tracking import Tracker
@@ -40,7 +41,7 @@ def worker_loop(loop_config: dict) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() or _latest_checkpoint(loop_config["storage"], loop_config["digest"])
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume:
         try:
             train_loop(cfg, report, resume_from=resume, device=device)
@@ -48,6 +49,26 @@ def worker_loop(loop_config: dict) -> None:
             ray.train.report({"diverged": 1, "iteration": e.iteration, "diverged_terms": json.dumps(e.terms)})
         except DataError as e:
             ray.train.report({"fatal_error": str(e)})
+
+
+def _latest_checkpoint(storage: str, digest: str) -> Checkpoint | None:
+    """The newest complete checkpoint of this trial in its storage folder, found by listing it.
+
+    Ray Train hands a restarted worker group its latest checkpoint; this also covers a new trainer after the
+    driver was lost (and restarts where Ray's hand-over came back empty).
+    """
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
+    base = f"{root.rstrip('/')}/trial-{digest}"
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_")), reverse=True)
+    for name in names:  # names carry a sortable timestamp
+        if fs.get_file_info(f"{base}/{name}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
+            return Checkpoint(f"{base}/{name}", filesystem=fs)
+    return None
 
 
 def run_trial(config: dict) -> None:
@@ -60,6 +81,7 @@ def run_trial(config: dict) -> None:
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": spec.config, "digest": spec.digest, "use_gpu": res["use_gpu"],
+                           "storage": config["storage"],
                            "threads": max(1, int(res["cpus_per_worker"]))},
         scaling_config=ScalingConfig(num_workers=res["num_workers"], use_gpu=res["use_gpu"],
                                      resources_per_worker=per_worker),
