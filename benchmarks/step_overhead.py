@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--detectors", default="retinanet,fcos,faster_rcnn,mask_rcnn")
     args = p.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
     print(f"# {name}, {args.backbone}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
           f"{args.steps} timed steps; memory: {'peak CUDA allocation' if device.type == 'cuda' else 'process max RSS'}")
     for det in args.detectors.split(","):

@@ -189,6 +189,8 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
     if rank == 0:
         log.info("training %s/%s (%s) for %d iterations on %s x%d; data: %s", cfg.detector, cfg.backbone,
                  "lgd" if cfg.lgd.enabled else "baseline", max_iter, device, world, train_ds.stats.as_dict())
+    for row in history:  # rows logged before the checkpoint: a recorder that missed them (driver lost) gets them
+        report({**row, **data_stats}, None)
     batches = _batches(train_ds, cfg, rank, world, start)
     frozen = model.backbone_parameters()
     model.train()
