@@ -31,14 +31,13 @@ def detector_option_problems(detector: str, options: dict) -> list[tuple[str, st
     """Keys of ``detector_options`` that the torchvision constructor of ``detector`` does not take."""
     import inspect
 
-    from torchvision.models import detection as tvd
+    from lgd.detectors.adapters import MODEL_CLASSES
 
-    cls = {"retinanet": tvd.RetinaNet, "fcos": tvd.FCOS, "faster_rcnn": tvd.FasterRCNN, "mask_rcnn": tvd.MaskRCNN}[detector]
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone", "num_classes", "min_size",
-                                                                   "max_size", "kwargs"}
-    if detector == "mask_rcnn":
-        allowed |= set(inspect.signature(tvd.FasterRCNN.__init__).parameters) - {"self", "backbone", "num_classes",
-                                                                                  "min_size", "max_size", "kwargs"}
+    cls = MODEL_CLASSES[detector]
+    taken_by_us = {"self", "backbone", "num_classes", "min_size", "max_size", "kwargs"}
+    # Mask R-CNN passes its **kwargs on to Faster R-CNN: both signatures count
+    allowed = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith("torchvision")
+               for p in inspect.signature(c.__init__).parameters} - taken_by_us
     return [(k, f"{cls.__name__} takes no option {k!r}") for k in options if k not in allowed]
 
 

@@ -209,8 +209,8 @@ def write_reports(grid: Grid, specs: list[TrialSpec], tracker: Tracker, out_dir:
     summary = run_summary(specs, runs)
     plots = _plots(tables, specs, runs, out_dir)
     early = sorted({c.table for s in specs if s.scheduler for c in s.cells})
-    md = [f"# Reproduction report: {grid.name}", "", grid.description, "",
-          "Runs: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) + f" (of {len(specs)} trials)", ""]
+    runs_line = "Runs: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) + f" (of {len(specs)} trials)"
+    md = [f"# Reproduction report: {grid.name}", "", grid.description, "", runs_line, ""]
     if early:
         md += [f"Early stopping (ASHA) was allowed in: {', '.join(early)}; a stopped cell shows `stopped`.", ""]
     md += [to_markdown(t) for t in tables]
@@ -228,7 +228,7 @@ def write_reports(grid: Grid, specs: list[TrialSpec], tracker: Tracker, out_dir:
     (out_dir / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(grid.name)}</title></head><body>"
         f"<h1>Reproduction report: {html.escape(grid.name)}</h1><p>{html.escape(grid.description)}</p>"
-        f"<p>{html.escape(md[4])}</p>{''.join(body)}</body></html>\n")
+        f"<p>{html.escape(runs_line)}</p>{''.join(body)}</body></html>\n")
     return text
 
 

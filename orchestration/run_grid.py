@@ -60,7 +60,7 @@ def _dry_run(grid: Grid, specs: list[TrialSpec]) -> None:
     total = 0.0
     for s in specs:
         cfg = build(TrainConfig, s.config)
-        hours = v100_hours(cfg) * 1.0
+        hours = v100_hours(cfg)
         total += hours
         cells = "; ".join(f"{c.table}: {c.row} / {c.column}" for c in s.cells)
         r = grid.resources

@@ -104,14 +104,14 @@ class MaskRCNNAdapter(FasterRCNNAdapter):
 
 
 ADAPTERS = {a.name: a for a in (RetinaNetAdapter, FCOSAdapter, FasterRCNNAdapter, MaskRCNNAdapter)}
-_MODELS = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
+MODEL_CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
 
 
 def build_detector(detector: str, backbone: str, num_classes: int, min_sizes: tuple[int, ...], max_size: int,
                    weights: str | None = None, channels: int = 256, options: dict | None = None) -> DetectorAdapter:
     """A torchvision detector with a ResNet-FPN backbone; ``num_classes`` counts the background (K + 1)."""
-    if detector not in _MODELS:
-        raise ValueError(f"unknown detector {detector!r}; known: {', '.join(_MODELS)}")
-    model = _MODELS[detector](build_backbone(backbone, weights, detector, channels), num_classes=num_classes,
+    if detector not in MODEL_CLASSES:
+        raise ValueError(f"unknown detector {detector!r}; known: {', '.join(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[detector](build_backbone(backbone, weights, detector, channels), num_classes=num_classes,
                               min_size=min_sizes, max_size=max_size, **(options or {}))
     return ADAPTERS[detector](model)
