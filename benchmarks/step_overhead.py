@@ -2,24 +2,41 @@
 
     python benchmarks/step_overhead.py [--size 800] [--backbone resnet50] [--device cuda] [--steps 10]
 
-One line per detector: step time and peak memory of baseline and LGD, and their ratios (LGD / baseline).
-The paper's Table 7 implies 1.94x the baseline's training time; the target here is <= 1.35x.
+One line per detector: step time, arithmetic (FLOPs, forward + backward, counted by
+``torch.utils.flop_counter``), ops dispatched per step (every aten op, views included, counted by a
+``TorchDispatchMode``: what a launch-bound GPU pays for) and peak memory of baseline and LGD, and their
+ratios (LGD / baseline) as ``time N.NNx  flops N.NNx  ops N.NNx  memory N.NNx``.
+The paper's Table 7 implies 1.94x the baseline's training time; the targets are in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from lgd.config import config_from_dict
-from lgd.engine import build_model, peak_memory_mb
+from lgd.engine import TrainingStep, build_model, build_optimizer, peak_memory_mb
+from timing import device_name, seconds_per_call
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active (forward, backward and optimizer step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _batch(n: int, size: int, num_classes: int, device, masks: bool, seed: int = 0):
@@ -41,43 +58,40 @@ def _batch(n: int, size: int, num_classes: int, device, masks: bool, seed: int =
     return images, targets
 
 
-def measure(detector: str, lgd: bool, args, device) -> tuple[float, float]:
+def measure(detector: str, lgd: bool, args, device) -> dict:
     """In a fresh process each, so that peak memory belongs to this configuration alone."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         return pool.submit(_measure, detector, lgd, args, device).result()
 
 
-def _measure(detector: str, lgd: bool, args, device) -> tuple[float, float]:
+def _measure(detector: str, lgd: bool, args, device) -> dict:
     torch.set_num_threads(args.threads)
     cfg = config_from_dict({
         "detector": detector, "backbone": args.backbone, "fpn_channels": args.channels,
         "input": {"min_size": args.size, "max_size": int(args.size * 1.67)},
         "lgd": {"enabled": lgd, "segm_masks": lgd and detector == "mask_rcnn"},
-        "solver": {"iter_scale": 1.0}, "device": device.type})
+        "solver": {"iter_scale": 1.0, "base_lr": 1e-4, "warmup_iters": 0, "amp": args.amp},
+        "channels_last": args.channels_last, "device": device.type})
     torch.manual_seed(0)
     model = build_model(cfg, args.classes).to(device)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    opt, _ = build_optimizer(cfg, model)  # the engine's own optimizer (SGD, foreach)
     images, targets = _batch(args.batch, args.size, args.classes, device, detector == "mask_rcnn")
     it = cfg.solver.scaled(cfg.lgd.distill_start) + 1  # full LGD: distillation on, student attached
+    step = TrainingStep(model, model, opt, cfg, device)
 
-    def step():
-        losses = model(images, targets, it)
-        opt.zero_grad(set_to_none=True)
-        model.total_loss(losses).backward()
-        opt.step()
+    def step_once():
+        step(images, targets, it)
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / args.steps, peak_memory_mb(device)
+    seconds = seconds_per_call(step_once, args.steps, args.warmup, device)
+    memory = peak_memory_mb(device)
+    ops = OpCounter()
+    with ops:
+        step_once()
+    flops = FlopCounterMode(display=False)
+    with flops:
+        step_once()
+    return {"time": seconds, "memory": memory, "ops": ops.count, "flops": flops.get_total_flops()}
 
 
 def main() -> None:
@@ -92,16 +106,21 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--detectors", default="retinanet,fcos,faster_rcnn,mask_rcnn")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="solver.amp of both configs")
+    p.add_argument("--channels-last", action="store_true", help="channels_last of both configs")
     args = p.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)"
+    name = device_name(device)
     print(f"# {name}, {args.backbone}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
           f"{args.steps} timed steps; memory: {'peak CUDA allocation' if device.type == 'cuda' else 'process max RSS'}")
     for det in args.detectors.split(","):
-        tb, mb = measure(det, False, args, device)
-        tl, ml = measure(det, True, args, device)
-        print(f"{det:12s} step {tb * 1000:8.1f} ms -> {tl * 1000:8.1f} ms  time {tl / tb:.2f}x   "
-              f"memory {mb:8.0f} MB -> {ml:8.0f} MB  memory {ml / mb:.2f}x", flush=True)
+        b = measure(det, False, args, device)
+        m = measure(det, True, args, device)
+        print(f"{det:12s} step {b['time'] * 1000:8.1f} ms -> {m['time'] * 1000:8.1f} ms  "
+              f"GFLOP {b['flops'] / 1e9:7.1f} -> {m['flops'] / 1e9:7.1f}  ops {b['ops']:6d} -> {m['ops']:6d}  "
+              f"memory {b['memory']:7.0f} MB -> {m['memory']:7.0f} MB   "
+              f"time {m['time'] / b['time']:.2f}x  flops {m['flops'] / b['flops']:.2f}x  ops {m['ops'] / b['ops']:.2f}x  "
+              f"memory {m['memory'] / b['memory']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

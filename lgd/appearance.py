@@ -5,28 +5,31 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from lgd.objects import PackedObjects
+from lgd.objects import PackedObjects, PyramidLayout
 
 
 class AppearanceEncoder(nn.Module):
-    """conv3x3 + GroupNorm(1) + ReLU, then mask pooling (sum over the mask / its area) or RoIAlign (App. B(b))."""
+    """conv3x3 + GroupNorm(1, no affine) + ReLU, then mask pooling (sum over the mask / its area, at least 1)
+    or RoIAlign (App. B(b))."""
 
     def __init__(self, dim: int = 256, pooling: str = "mask"):
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(1, dim), nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(1, dim, affine=False),
+                                  nn.ReLU(inplace=True))
         self.pooling = pooling
 
-    def forward(self, features: list[torch.Tensor], masks: list[torch.Tensor], objs: PackedObjects) -> torch.Tensor:
-        """features: L maps (B, C, h, w); masks: L of (B, N, h*w). Returns (B, L, N, C)."""
-        out = []
-        for f, m in zip(features, masks):
-            p = self.proj(f)
-            if self.pooling == "mask":
-                emb = torch.einsum("bnp,bcp->bnc", m, p.flatten(2)) / m.sum(-1).clamp(min=1.0)[..., None]
-            else:
-                emb = self._roi(p, objs)
-            out.append(emb)
-        return torch.stack(out, dim=1) * objs.valid[:, None, :, None]
+    def forward(self, features: list[torch.Tensor], masks: torch.Tensor, layout: PyramidLayout,
+                objs: PackedObjects) -> torch.Tensor:
+        """features: L maps (B, C, h, w); masks (B, N, P) over the concatenated levels. Returns (B, L, N, C)."""
+        projected = [self.proj(f) for f in features]
+        if self.pooling == "mask":
+            area = (masks @ layout.onehot.to(masks.dtype)).clamp(min=1.0)  # (B, N, L)
+            pooled = [torch.bmm(m, p.flatten(2).transpose(1, 2))
+                      for m, p in zip(masks.split(layout.numel, dim=-1), projected)]
+            out = torch.stack(pooled, dim=1) / area.transpose(1, 2)[..., None]
+        else:
+            out = torch.stack([self._roi(p, objs) for p in projected], dim=1)
+        return out * objs.valid[:, None, :, None]
 
     @staticmethod
     def _roi(p: torch.Tensor, objs: PackedObjects) -> torch.Tensor:

@@ -29,6 +29,8 @@ DETECTOR_DEFAULTS = {
 
 def detector_option_problems(detector: str, options: dict) -> list[tuple[str, str]]:
     """Keys of ``detector_options`` that the torchvision constructor of ``detector`` does not take."""
+    if not options:  # nothing to check: no torch/torchvision import (the report's path stays light)
+        return []
     import inspect
 
     from lgd.detectors.adapters import MODEL_CLASSES
@@ -71,7 +73,10 @@ class DataConfig:
     val_annotations: Optional[str] = None
     synthetic: Optional[SyntheticData] = None
     max_objects_per_image: int = 300
-    loader_workers: int = 0
+    loader_workers: Optional[int] = None  # None: 4 worker processes on a GPU, 0 (the main process) on CPU
+    # images that pass the pre-training check but fail to decode later are skipped and counted
+    # (data/unreadable_images); more than this fraction of a split stops the trial with a DataError
+    max_unreadable_fraction: float = 0.001
 
     def check(self):
         paths = [self.train_images, self.train_annotations, self.val_images, self.val_annotations]
@@ -81,6 +86,10 @@ class DataConfig:
             yield "", "'synthetic' and dataset paths are mutually exclusive"
         if self.max_objects_per_image < 1:
             yield "max_objects_per_image", "must be >= 1"
+        if self.loader_workers is not None and self.loader_workers < 0:
+            yield "loader_workers", "must be >= 0"
+        if not 0 <= self.max_unreadable_fraction < 1:
+            yield "max_unreadable_fraction", "must be in [0, 1)"
 
 
 @dataclass
@@ -117,6 +126,7 @@ class SolverConfig:
     gamma: float = 0.1
     checkpoint_period: int = 5000
     clip_grad_norm: Optional[float] = None
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (autocast); fp16 with a grad scaler
 
     def check(self):
         if not 0 < self.iter_scale <= 10:
@@ -164,6 +174,10 @@ class LGDConfig:
     mapper_inputs: Optional[Literal["objects", "context", "both"]] = None  # Table 6(a); None: all available
     shared_head: bool = True  # Table 6(b)
     num_heads: int = 8
+    # Alternatives to the reference teacher's behaviour (§3 is silent; default off = the reference's):
+    image_level_tnet: bool = False  # one T-net transform per image, pooled over its objects (PointNet's own)
+    masks_cover_touched_cells: bool = False  # masks mark every cell a box touches (>= 1), not the cells inside it
+    context_box_per_image: bool = False  # the context object spans its image, not the whole padded batch
     distill_weight: float = 1.0  # λ of Eq. 7
     distill_start: int = 30_000
     distill_stop_before_end: int = 0
@@ -199,6 +213,7 @@ class TrainConfig:
     eval_teacher: bool = False
     max_eval_images: Optional[int] = None
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    channels_last: bool = False  # NHWC memory format for the model and its input batch
 
     def check(self):
         if self.backbone not in BACKBONES:
@@ -239,9 +254,12 @@ class TrainConfig:
     def digest(self) -> str:
         """Identity of the trial: a hash of every setting that changes what is trained."""
         d = self.to_dict()
-        for k in ("output_dir", "log_period", "threads"):
+        for k in ("output_dir", "log_period", "threads", "channels_last"):  # how, not what, is computed
             d.pop(k)
-        for k in ("loader_workers", "train_images", "train_annotations", "val_images", "val_annotations"):
+        if not self.lgd.enabled:  # a baseline: no LGD setting changes what it trains
+            d["lgd"] = {"enabled": False}
+        for k in ("loader_workers", "max_unreadable_fraction", "train_images", "train_annotations", "val_images",
+                  "val_annotations"):
             d["data"].pop(k)
         d["solver"].pop("checkpoint_period")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

@@ -44,7 +44,8 @@ class Distiller(nn.Module):
         if self.lgd:
             lc = cfg.lgd
             self.teacher = ImplicitTeacher(num_classes, cfg.fpn_channels, lc.num_heads, lc.label_encoder, lc.label_norm,
-                                           lc.appearance_pooling, lc.attention_query, cfg.mapper_inputs)
+                                           lc.appearance_pooling, lc.attention_query, cfg.mapper_inputs,
+                                           lc.image_level_tnet, lc.masks_cover_touched_cells)
             self.adaptation = AdaptationHead(cfg.fpn_channels)
             # Table 6(b): the instructive features go through the student's own head, or an unshared copy
             self.teacher_heads = None if lc.shared_head else copy.deepcopy(adapter.heads())
@@ -71,19 +72,25 @@ class Distiller(nn.Module):
         if self.cfg.detach_appearance:
             feats = [f.detach() for f in feats]
         objs = pack_objects(targets, images.image_sizes, tuple(images.tensors.shape[-2:]), self.cfg.use_context,
-                            with_masks=self.cfg.lgd.segm_masks)
+                            with_masks=self.cfg.lgd.segm_masks,
+                            context_box_per_image=self.cfg.lgd.context_box_per_image)
         return OrderedDict(zip(features.keys(), self.teacher(feats, objs)))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict], iteration: int) -> dict[str, torch.Tensor]:
         """Loss terms of one step; the weighted total is ``total_loss(terms)``."""
         images, targets = self.adapter.preprocess(images, targets)
+        if self.cfg.channels_last:
+            images.tensors = images.tensors.contiguous(memory_format=torch.channels_last)
         features = self.adapter.features(images)
-        losses = self.adapter.losses(features, images, targets, self.adapter.heads())
         if not self.lgd:
-            return losses
+            return self.adapter.losses(features, images, targets, self.adapter.heads())
         phase = schedule_phase(self.cfg, iteration)
         inst = self.instructive(features, images, targets)
-        tea = self.adapter.losses(inst, images, targets, self._heads())  # Eq. 6
+        if self.teacher_heads is None:  # Eq. 6 through the student's own head: one pass for both
+            losses, tea = self.adapter.losses_pair(features, inst, images, targets, self.adapter.heads())
+        else:
+            losses = self.adapter.losses(features, images, targets, self.adapter.heads())
+            tea = self.adapter.losses(inst, images, targets, self.teacher_heads)
         losses.update({f"{k}.tea": v for k, v in tea.items()})
         if phase.distill_on:
             student = [self.adaptation(f.detach() if phase.student_detached else f) for f in features.values()]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lgd.config import TrainConfig
-from lgd.data.coco import CocoDetection, collate
+from lgd.data.coco import CocoDetection, DataError, UnreadableImages, collate_checked, load_datasets
 from lgd.data.synthetic import ensure_synthetic
 from lgd.detectors import build_detector
 from lgd.distiller import Distiller, schedule_phase
@@ -66,20 +66,16 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     else:
         paths = {"train_images": d.train_images, "train_annotations": d.train_annotations,
                  "val_images": d.val_images, "val_annotations": d.val_annotations}
-    masks = cfg.detector == "mask_rcnn"
-    train = CocoDetection(paths["train_images"], paths["train_annotations"], train=True, with_masks=masks,
-                          max_objects=d.max_objects_per_image)
-    val = CocoDetection(paths["val_images"], paths["val_annotations"], train=False, with_masks=masks,
-                        max_objects=d.max_objects_per_image)
-    if val.cat_to_label != train.cat_to_label:
-        raise ValueError(f"{paths['val_annotations']}: categories differ from {paths['train_annotations']}")
-    return train, val
+    return load_datasets(paths["train_images"], paths["train_annotations"], paths["val_images"],
+                         paths["val_annotations"], with_masks=cfg.detector == "mask_rcnn",
+                         max_objects=d.max_objects_per_image)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> Distiller:
     adapter = build_detector(cfg.detector, cfg.backbone, num_classes + 1, cfg.input.train_sizes(), cfg.input.max_size,
                              cfg.weights, cfg.fpn_channels, cfg.detector_options)
-    return Distiller(adapter, cfg, num_classes)
+    model = Distiller(adapter, cfg, num_classes)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def build_optimizer(cfg: TrainConfig, model: Distiller):
@@ -91,7 +87,7 @@ def build_optimizer(cfg: TrainConfig, model: Distiller):
     if teacher:
         groups.append({"params": model.teacher_parameters(), "lr": t.base_lr, "momentum": t.momentum,
                        "weight_decay": t.weight_decay})
-    opt = torch.optim.SGD(groups, lr=s.base_lr)
+    opt = torch.optim.SGD(groups, lr=s.base_lr, foreach=True)  # one kernel per op for all parameters
     warmup, milestones = s.scaled(s.warmup_iters), s.milestones
 
     def factor(it: int) -> float:
@@ -104,9 +100,60 @@ def build_optimizer(cfg: TrainConfig, model: Distiller):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _batches(dataset, cfg: TrainConfig, rank: int, world: int, start_iter: int) -> Iterator:
-    """Endless shuffled batches; each rank takes its shard; the order depends on (seed, epoch) only."""
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_values(losses: dict[str, torch.Tensor], total: torch.Tensor) -> dict[str, float]:
+    """Every loss term and the total as Python floats, in one device-to-host transfer."""
+    values = torch.stack([v.detach().float() for v in (*losses.values(), total)]).tolist()
+    return dict(zip([*losses, "total_loss"], values))
+
+
+class TrainingStep:
+    """One optimisation step: forward under ``solver.amp`` autocast, one finite check (the step's only host
+    sync), backward (grad-scaled for fp16), the LGD schedule's backbone freeze, clipping, update."""
+
+    def __init__(self, model: Distiller, net: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                 device: torch.device):
+        self.model, self.net, self.opt, self.cfg, self.device = model, net, opt, cfg, device
+        self.amp_dtype = AMP_DTYPES[cfg.solver.amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.solver.amp == "fp16")
+        self.frozen = model.backbone_parameters()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, images, targets, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.net(images, targets, it)
+            total = self.model.total_loss(losses)
+        return losses, total, bool(torch.isfinite(total.detach()))
+
+    def backward_and_update(self, total: torch.Tensor, it: int) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.lgd.enabled and schedule_phase(self.cfg, it).backbone_frozen:
+            for p in self.frozen:
+                p.grad = None
+        if self.cfg.solver.clip_grad_norm:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.solver.clip_grad_norm, foreach=True)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    def __call__(self, images, targets, it: int) -> dict[str, torch.Tensor]:
+        """The whole step (benchmarks): raises NonFiniteLossError like the training loop."""
+        losses, total, finite = self.forward(images, targets, it)
+        if not finite:
+            raise NonFiniteLossError(it + 1, loss_values(losses, total))
+        self.backward_and_update(total, it)
+        return losses
+
+
+def _batches(dataset, cfg: TrainConfig, rank: int, world: int, start_iter: int,
+             unreadable: UnreadableImages, on_gpu: bool = False) -> Iterator:
+    """Endless shuffled batches; each rank takes its shard; the order depends on (seed, epoch) only.
+    Images that do not decode are left out of their batch and counted in ``unreadable``."""
     per_rank = max(1, cfg.solver.ims_per_batch // world)
+    workers = cfg.data.loader_workers if cfg.data.loader_workers is not None else (4 if on_gpu else 0)
     epoch = start_iter * per_rank * world // max(1, len(dataset))
     while True:
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -114,8 +161,16 @@ def _batches(dataset, cfg: TrainConfig, rank: int, world: int, start_iter: int) 
         order = order[rank::world]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank,
                                              shuffle=False, drop_last=len(order) >= per_rank,
-                                             collate_fn=collate, num_workers=cfg.data.loader_workers)
-        yield from loader
+                                             collate_fn=collate_checked, num_workers=workers, pin_memory=on_gpu)
+        yielded = False
+        for images, targets, skipped in loader:
+            if skipped:
+                unreadable.add(skipped)
+            if images:
+                yielded = True
+                yield images, targets
+        if not yielded:  # not one image of this shard decodes
+            raise unreadable.error()
         epoch += 1
 
 
@@ -185,47 +240,47 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
     max_iter = cfg.solver.max_iter
     ckpt_period = max(1, cfg.solver.scaled(cfg.solver.checkpoint_period))
     data_stats = {f"data/{k}": v for k, v in train_ds.stats.as_dict().items()}
+    data_stats.update({f"data/val_{k}": v for k, v in val_ds.stats.as_dict().items()})
     data_stats["resumed_from_iteration"] = start  # > 0 when this attempt continued from a checkpoint
     if rank == 0:
         log.info("training %s/%s (%s) for %d iterations on %s x%d; data: %s", cfg.detector, cfg.backbone,
                  "lgd" if cfg.lgd.enabled else "baseline", max_iter, device, world, train_ds.stats.as_dict())
+    unreadable = UnreadableImages(train_ds.ann_file, math.ceil(len(train_ds) / world),
+                                  cfg.data.max_unreadable_fraction)
+    data_stats["data/unreadable_images"] = 0
     for row in history:  # rows logged before the checkpoint: a recorder that missed them (driver lost) gets them
         report({**row, **data_stats}, None)
-    batches = _batches(train_ds, cfg, rank, world, start)
-    frozen = model.backbone_parameters()
+    batches = _batches(train_ds, cfg, rank, world, start, unreadable, on_gpu=device.type == "cuda")
+    step_fn = TrainingStep(model, net, opt, cfg, device)
     model.train()
     t0, t_window, it_window = time.time(), time.time(), 0
     for it in range(start, max_iter):
         images, targets = _to(device, *next(batches))
-        losses = net(images, targets, it)
-        total = model.total_loss(losses)
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        finite = math.isfinite(float(total.detach()))
+        losses, total, finite = step_fn.forward(images, targets, it)
+        data_ok = not unreadable.exceeded
         if world > 1:  # every rank stops together, none waits forever in the next all-reduce
-            flag = torch.tensor([1.0 if finite else 0.0], device=device)
+            flag = torch.tensor([1.0 if finite else 0.0, 1.0 if data_ok else 0.0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
+            finite, data_ok = bool(flag[0].item()), bool(flag[1].item())
+        if not data_ok:
+            raise unreadable.error() if unreadable.exceeded else DataError(
+                f"{unreadable.source}: images that do not decode exceed data.max_unreadable_fraction on another rank")
         if not finite:
-            terms["total_loss"] = float(total.detach())
-            raise NonFiniteLossError(it + 1, terms)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.lgd.enabled and schedule_phase(cfg, it).backbone_frozen:
-            for p in frozen:
-                p.grad = None
-        if cfg.solver.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.solver.clip_grad_norm)
-        opt.step()
+            raise NonFiniteLossError(it + 1, loss_values(losses, total))
+        step_fn.backward_and_update(total, it)
         sched.step()
         it_window += 1
         step = it + 1
         is_ckpt = step % ckpt_period == 0 or step == max_iter
         if step % cfg.log_period == 0 or is_ckpt:
             now = time.time()
+            terms = loss_values(losses, total)  # one transfer for every term, on logged iterations only
+            total_value = terms.pop("total_loss")
             student = sum(v for k, v in terms.items() if not k.endswith(".tea") and k != "distill")
-            row = {"iteration": step, "total_loss": float(total.detach()), "student_loss": student, **terms,
+            row = {"iteration": step, "total_loss": total_value, "student_loss": student, **terms,
                    "lr": opt.param_groups[0]["lr"], "time/iter_s": (now - t_window) / max(1, it_window)}
             t_window, it_window = now, 0
+            data_stats["data/unreadable_images"] = unreadable.count
             history.append(row)
             if rank == 0:
                 log.info("iter %d/%d  loss %.4f  %s", step, max_iter, row["total_loss"],
@@ -238,16 +293,18 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
             report({**row, **data_stats}, ckpt if rank == 0 else None)
 
     train_time = time.time() - t0
+    data_stats["data/unreadable_images"] = unreadable.count
     metrics: dict = {"iteration": max_iter, "train_time_s": train_time,
                      "peak_memory_mb": peak_memory_mb(device), **data_stats}
     if rank == 0:
         model.eval()
         with_masks = cfg.detector == "mask_rcnn"
         metrics.update(evaluate(lambda ims, tg: model.export()(ims), val_ds, device,
-                                max_images=cfg.max_eval_images, with_masks=with_masks))
+                                max_images=cfg.max_eval_images, with_masks=with_masks,
+                                max_unreadable_fraction=cfg.data.max_unreadable_fraction))
         if cfg.eval_teacher:
             tea = evaluate(model.predict_teacher, val_ds, device, max_images=cfg.max_eval_images,
-                           with_masks=with_masks)
+                           with_masks=with_masks, max_unreadable_fraction=cfg.data.max_unreadable_fraction)
             metrics.update({f"teacher/{k}": v for k, v in tea.items()})
         log.info("evaluation: %s", {k: round(v, 2) for k, v in metrics.items() if "/AP" in k})
         (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=1))

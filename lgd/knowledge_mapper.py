@@ -4,15 +4,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lgd.objects import PackedObjects
+from lgd.objects import PackedObjects, PyramidLayout
 
 
-def _conv_gn_relu(dim):
-    return [nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(1, dim), nn.ReLU(inplace=True)]
+def refinement(dim: int) -> nn.Sequential:
+    """R of Eq. 4 as the reference builds it: ReLU, then three conv3x3, each followed by GroupNorm(1) without
+    affine parameters, ReLU between them; the output is normalised per image."""
+    def gn():
+        return nn.GroupNorm(1, dim, affine=False)
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), gn(), nn.ReLU(),
+                         nn.Conv2d(dim, dim, 3, padding=1), gn(), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), gn())
 
 
 class KnowledgeMapper(nn.Module):
-    """R(conv(sum_i M_i fc_o(e_i)) + fc_c(e_ctx)), R = ReLU then three conv3x3 (GN + ReLU between).
+    """R(conv(sum_i M_i fc_o(e_i)) + fc_c(e_ctx)) with R = ``refinement``.
 
     ``inputs`` selects the ablation of Table 6(a): "objects", "context" or "both".
     """
@@ -23,19 +28,25 @@ class KnowledgeMapper(nn.Module):
         self.obj_fc = nn.Linear(dim, dim) if inputs in ("objects", "both") else None
         self.paint_conv = nn.Conv2d(dim, dim, 3, padding=1) if self.obj_fc is not None else None
         self.ctx_fc = nn.Linear(dim, dim) if inputs in ("context", "both") else None
-        self.refine = nn.Sequential(nn.ReLU(), *_conv_gn_relu(dim), *_conv_gn_relu(dim), nn.Conv2d(dim, dim, 3, padding=1))
+        self.refine = refinement(dim)
 
-    def forward(self, inter: torch.Tensor, masks: list[torch.Tensor], sizes: list[tuple[int, int]],
+    def forward(self, inter: torch.Tensor, masks: torch.Tensor, layout: PyramidLayout,
                 objs: PackedObjects) -> list[torch.Tensor]:
-        """inter (B, L, N, C); masks L of (B, N, h*w) -> instructive features, L maps (B, C, h, w)."""
+        """inter (B, L, N, C); masks (B, N, P) over the concatenated levels -> L maps (B, C, h, w)."""
         B, L, N, C = inter.shape
+        painted = [None] * L
+        if self.obj_fc is not None:
+            e = (self.obj_fc(inter) * objs.objects[:, None, :, None]).transpose(2, 3)  # (B, L, C, N)
+            painted = [self.paint_conv(torch.bmm(e[:, lvl], m).view(B, C, h, w))
+                       for lvl, (m, (h, w)) in enumerate(zip(masks.split(layout.numel, dim=-1), layout.sizes))]
+        ctx = self.ctx_fc(inter[:, :, 0]) if self.ctx_fc is not None else None  # the context object: slot 0
         out = []
-        for lvl, (m, (h, w)) in enumerate(zip(masks, sizes)):
-            x = inter.new_zeros(B, C, h, w)
-            if self.obj_fc is not None:
-                e = self.obj_fc(inter[:, lvl]) * objs.objects[..., None]
-                x = self.paint_conv(torch.einsum("bnc,bnp->bcp", e, m).reshape(B, C, h, w))
-            if self.ctx_fc is not None:  # the context object sits in slot 0
-                x = x + self.ctx_fc(inter[:, lvl, 0])[..., None, None]
+        for lvl, (h, w) in enumerate(layout.sizes):
+            if ctx is None:
+                x = painted[lvl]
+            elif painted[lvl] is None:
+                x = ctx[:, lvl, :, None, None].expand(B, C, h, w)
+            else:
+                x = painted[lvl] + ctx[:, lvl, :, None, None]
             out.append(self.refine(x))
         return out

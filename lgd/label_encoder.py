@@ -14,7 +14,9 @@ def masked_max(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class SharedMLP(nn.Module):
-    """PointNet's shared 1-D convs (kernel 1 = a Linear per object), each with norm, ReLU but the last optional."""
+    """PointNet's shared 1-D convs (kernel 1 = a Linear per object), each with norm, ReLU but the last optional.
+
+    Takes objects as rows, (B, N, d) or flattened (B * N, d), with ``valid`` of the matching shape."""
 
     def __init__(self, dims: list[int], norm: str, last_relu: bool = True):
         super().__init__()
@@ -31,38 +33,55 @@ class SharedMLP(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """PointNet's T-net: a k x k transform predicted from the image's objects (no identity shortcut)."""
+    """PointNet's T-net: a k x k transform (no identity shortcut), per object or pooled over the image's objects.
 
-    def __init__(self, k: int, norm: str):
+    The reference LGD feeds every object to the T-net as a set of one point, so each object gets its own
+    transform and nothing crosses objects here (``per_image=False``); ``per_image=True`` max-pools the point
+    features over the image's objects first and gives the whole image one transform, as PointNet does.
+    """
+
+    def __init__(self, k: int, norm: str, per_image: bool = False):
         super().__init__()
         self.k = k
+        self.per_image = per_image
         self.point = SharedMLP([k, 64, 128, 1024], norm)
         self.head = SharedMLP([1024, 512, 256], norm)
         self.out = nn.Linear(256, k * k)
 
-    def forward(self, x, valid):
-        g = masked_max(self.point(x, valid), valid)  # (B, 1024)
-        return self.out(self.head(g)).view(-1, self.k, self.k)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Objects (B * N, k), ``valid`` (B, N) -> the transformed objects x @ T, (B * N, k)."""
+        flat = valid.reshape(-1)
+        g = self.point(x, flat)  # (B * N, 1024)
+        if not self.per_image:
+            t = self.out(self.head(g, flat)).view(-1, self.k, self.k)
+            return torch.bmm(x[:, None], t)[:, 0]
+        B, N = valid.shape
+        t = self.out(self.head(masked_max(g.view(B, N, -1), valid))).view(B, self.k, self.k)
+        return torch.bmm(x.view(B, N, self.k), t).view(B * N, self.k)
 
 
 class PointNetEncoder(nn.Module):
-    """Descriptors (B, N, d) -> label embeddings (B, N, C): local 64-d + per-image global 1024-d -> C."""
+    """Descriptors (B, N, d) -> label embeddings (B, N, C): local 64-d + per-image global 1024-d, fused to C.
 
-    def __init__(self, in_dim: int, dim: int = 256, norm: str = "layernorm"):
+    Layer for layer the reference's: T-net, 64 (norm, ReLU), T-net, 128, 1024 (norm, ReLU each), max over the
+    image's objects, then [local 64 | global 1024] -> Linear -> norm -> ReLU. Objects run flattened, as rows.
+    """
+
+    def __init__(self, in_dim: int, dim: int = 256, norm: str = "layernorm", image_level_tnet: bool = False):
         super().__init__()
-        self.stn_in = SpatialTransformer(in_dim, norm)
+        self.stn_in = SpatialTransformer(in_dim, norm, image_level_tnet)
         self.mlp1 = SharedMLP([in_dim, 64], norm)
-        self.stn_feat = SpatialTransformer(64, norm)
-        self.mlp2 = SharedMLP([64, 128, 1024], norm, last_relu=False)
-        self.out = nn.Linear(64 + 1024, dim)
+        self.stn_feat = SpatialTransformer(64, norm, image_level_tnet)
+        self.mlp2 = SharedMLP([64, 128, 1024], norm)
+        self.fuse = SharedMLP([64 + 1024, dim], norm)
 
     def forward(self, desc, valid):
-        x = torch.bmm(desc, self.stn_in(desc, valid))
-        local = self.mlp1(x, valid)
-        local = torch.bmm(local, self.stn_feat(local, valid))
-        g = masked_max(self.mlp2(local, valid), valid)
-        feat = torch.cat([local, g[:, None].expand(-1, local.shape[1], -1)], dim=-1)
-        return self.out(feat) * valid[..., None]
+        B, N, _ = desc.shape
+        flat = valid.reshape(-1)
+        local = self.stn_feat(self.mlp1(self.stn_in(desc.reshape(B * N, -1), valid), flat), valid)
+        g = masked_max(self.mlp2(local, flat).view(B, N, -1), valid)  # (B, 1024)
+        feat = torch.cat([local, g.repeat_interleave(N, dim=0)], dim=-1)
+        return (self.fuse(feat, flat) * flat[:, None]).view(B, N, -1)
 
 
 class MLPEncoder(nn.Module):
@@ -89,9 +108,10 @@ class TransformerEncoderVariant(nn.Module):
         return self.enc(self.inp(desc), src_key_padding_mask=~valid) * valid[..., None]
 
 
-def build_label_encoder(kind: str, in_dim: int, dim: int, norm: str, heads: int) -> nn.Module:
+def build_label_encoder(kind: str, in_dim: int, dim: int, norm: str, heads: int,
+                        image_level_tnet: bool = False) -> nn.Module:
     if kind == "pointnet":
-        return PointNetEncoder(in_dim, dim, norm)
+        return PointNetEncoder(in_dim, dim, norm, image_level_tnet)
     if kind == "mlp":
         return MLPEncoder(in_dim, dim, norm)
     if kind == "transformer":

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 @dataclass
 class PackedObjects:
-    boxes: torch.Tensor  # (B, N, 4) x1y1x2y2 in input pixels; zeros where invalid
+    boxes: torch.Tensor  # (B, N, 4) x1y1x2y2 in input pixels, clamped to the padded batch; zeros where invalid
     labels: torch.Tensor  # (B, N) contiguous labels 1..K; 0 for the context object and padding
     valid: torch.Tensor  # (B, N) bool: a real object or the context object
     is_context: torch.Tensor  # (B, N) bool
@@ -33,35 +33,65 @@ class PackedObjects:
         d = torch.cat([self.boxes / scale, onehot], dim=-1) * 2.0 - 1.0
         return d * self.valid[..., None]
 
-    def level_masks(self, size: tuple[int, int]) -> torch.Tensor:
-        """Object masks down-scaled to a feature level of ``size`` (h, w); (B, N, h*w) float.
+    def level_masks(self, size: tuple[int, int], cover_touched_cells: bool = False) -> torch.Tensor:
+        """Object masks on one feature level of ``size`` (h, w); (B, N, h*w) float. See ``pyramid_masks``."""
+        return self.pyramid_masks(PyramidLayout([size], self.boxes.device), cover_touched_cells)
 
-        Box masks cover every cell the box touches (at least one cell); with instance masks the real
-        objects use those instead (Table 10), the context object keeps its whole-image box.
+    def pyramid_masks(self, layout: "PyramidLayout", cover_touched_cells: bool = False) -> torch.Tensor:
+        """Object masks on every level of ``layout`` at once, levels concatenated: (B, N, P) float.
+
+        Reference rule: the box, scaled per axis by the level's size over the padded input's, marks cell
+        (row j, column i) when |centre - index| / extent <= 0.5 on both axes, i.e. x1' <= i <= x2' and
+        y1' <= j <= y2'; a box smaller than a cell can mark none. ``cover_touched_cells`` marks every cell
+        the box touches instead, at least one. With instance masks (Table 10) the real objects use those,
+        down-sampled nearest-neighbour; the context object keeps its box.
         """
-        h, w = size
         H, W = self.pad_size
-        b = self.boxes * self.boxes.new_tensor([w / W, h / H, w / W, h / H])
-        x1, y1 = b[..., 0].floor(), b[..., 1].floor()
-        x2 = torch.maximum(b[..., 2].ceil(), x1 + 1)
-        y2 = torch.maximum(b[..., 3].ceil(), y1 + 1)
-        xs = torch.arange(w, device=b.device, dtype=b.dtype)
-        ys = torch.arange(h, device=b.device, dtype=b.dtype)
-        in_x = (xs >= x1[..., None]) & (xs < x2[..., None])  # (B, N, w)
-        in_y = (ys >= y1[..., None]) & (ys < y2[..., None])  # (B, N, h)
-        m = in_y[..., :, None] & in_x[..., None, :]  # (B, N, h, w)
+        dt = self.boxes.dtype
+        b = self.boxes[:, :, None, :] * (layout.scale.to(dt) / self.boxes.new_tensor([W, H, W, H]))  # (B, N, L, 4)
+        if cover_touched_cells:
+            lo = b[..., :2].floor()
+            hi = torch.maximum(b[..., 2:].ceil(), lo + 1)
+            lo, hi = lo[:, :, layout.level], hi[:, :, layout.level]  # (B, N, P, 2) as (x, y)
+            idx = layout.index.to(dt)
+            inside = ((idx >= lo) & (idx < hi)).all(-1)
+        else:  # written as the reference writes it, so that rounding at cell borders agrees too
+            centre = (b[..., :2] + b[..., 2:]) * 0.5
+            extent = b[..., 2:] - b[..., :2]
+            ce = torch.cat([centre, extent], -1)[:, :, layout.level]  # (B, N, P, 4)
+            inside = ((ce[..., :2] - layout.index.to(dt)).abs() / ce[..., 2:] <= 0.5).all(-1)
         if self.instance_masks is not None:
             B, N = self.valid.shape
-            seg = F.adaptive_avg_pool2d(self.instance_masks.reshape(B * N, 1, H, W).float(), (h, w))
-            seg = seg.reshape(B, N, h, w) > 0.25
-            m = torch.where(self.is_context[..., None, None], m, seg)
-        m = m & self.valid[..., None, None]
-        return m.flatten(2).to(self.boxes.dtype)
+            flat = self.instance_masks.reshape(B * N, 1, H, W).float()
+            seg = torch.cat([F.interpolate(flat, size=s, mode="nearest").flatten(1) for s in layout.sizes], 1)
+            inside = torch.where(self.is_context[..., None], inside, seg.reshape(B, N, -1) > 0)
+        return (inside & self.valid[..., None]).to(dt)
+
+
+class PyramidLayout:
+    """The cells of a feature pyramid, levels concatenated: per cell its level and its (column, row) index."""
+
+    def __init__(self, sizes: list[tuple[int, int]], device: torch.device):
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        self.numel = [h * w for h, w in self.sizes]
+        level, index = [], []
+        for lvl, (h, w) in enumerate(self.sizes):
+            rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            index.append(torch.stack([cols.flatten(), rows.flatten()], 1))
+            level.append(torch.full((h * w,), lvl, device=device, dtype=torch.long))
+        self.level = torch.cat(level)  # (P,)
+        self.index = torch.cat(index)  # (P, 2): column, row
+        self.scale = torch.tensor([[w, h, w, h] for h, w in self.sizes], device=device, dtype=torch.float32)
+        self.onehot = F.one_hot(self.level, len(self.sizes)).float()  # (P, L)
 
 
 def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_size: tuple[int, int],
-                 use_context: bool, with_masks: bool = False) -> PackedObjects:
-    """Pack per-image targets (after the detector's resize) into padded tensors, context object in slot 0."""
+                 use_context: bool, with_masks: bool = False, context_box_per_image: bool = False) -> PackedObjects:
+    """Pack per-image targets (after the detector's resize) into padded tensors, context object in slot 0.
+
+    As in the reference, every box is clamped to [0, W-1] x [0, H-1] of the padded batch, and the context
+    object's box is the whole padded batch; ``context_box_per_image`` makes it each image's own extent.
+    """
     device = targets[0]["boxes"].device
     counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
     boxes = torch.cat([t["boxes"] for t in targets])
@@ -78,17 +108,18 @@ def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_si
     L[img, slot] = labels
     V[img, slot] = True
     C = torch.zeros(B, N, dtype=torch.bool, device=device)
+    H, W = int(pad_size[0]), int(pad_size[1])
     if use_context:
-        hw = torch.tensor(image_sizes, device=device, dtype=boxes.dtype)  # (B, 2) as (h, w)
+        hw = torch.tensor(image_sizes if context_box_per_image else [(H, W)] * B, device=device, dtype=boxes.dtype)
         P[:, 0, 2], P[:, 0, 3] = hw[:, 1], hw[:, 0]
         V[:, 0] = True
         C[:, 0] = True
+    P = torch.minimum(P.clamp(min=0), P.new_tensor([W - 1, H - 1, W - 1, H - 1]))
     masks = None
     if with_masks:
-        H, W = pad_size
         # masks come resized per image; padding them is the one step that needs the per-image list
         flat = torch.cat([F.pad(t["masks"].to(torch.uint8), (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
                           for t in targets])
         masks = torch.zeros(B, N, H, W, dtype=torch.uint8, device=device)
         masks[img, slot] = flat
-    return PackedObjects(P, L, V, C, (int(pad_size[0]), int(pad_size[1])), masks)
+    return PackedObjects(P, L, V, C, (H, W), masks)

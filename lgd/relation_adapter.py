@@ -7,7 +7,12 @@ from torch import nn
 
 
 class RelationAdapter(nn.Module):
-    """Query = appearance, key = value = label embeddings ("student" mode); reversed in "label" mode (Table 5)."""
+    """Query = appearance, key = value = label embeddings ("student" mode); reversed in "label" mode (Table 5).
+
+    The parameters are ``nn.MultiheadAttention``'s (so the reference's weights map one to one); the attention
+    itself runs as one ``scaled_dot_product_attention`` over all images and levels, and the side that is the
+    same on every level (the label embeddings) is projected once, not once per level.
+    """
 
     def __init__(self, dim: int = 256, heads: int = 8, query: str = "student"):
         super().__init__()
@@ -18,10 +23,14 @@ class RelationAdapter(nn.Module):
     def forward(self, label: torch.Tensor, appearance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """label (B, N, C), appearance (B, L, N, C), valid (B, N) -> interacted embeddings (B, L, N, C)."""
         B, L, N, C = appearance.shape
-        lab = torch.relu(F.layer_norm(self.label_proj(label), (C,)))
-        lab = lab[:, None].expand(B, L, N, C).reshape(B * L, N, C)
-        app = appearance.reshape(B * L, N, C)
-        pad = (~valid)[:, None].expand(B, L, N).reshape(B * L, N)  # attention never crosses images
-        q, kv = (app, lab) if self.query == "student" else (lab, app)
-        out, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)
-        return out.reshape(B, L, N, C) * valid[:, None, :, None]
+        h = self.attn.num_heads
+        lab = torch.relu(F.layer_norm(self.label_proj(label.reshape(B * N, C)), (C,))).view(B, 1, N, C)
+        q_in, kv_in = (appearance, lab) if self.query == "student" else (lab, appearance)
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        q = F.linear(q_in.reshape(-1, C), w[:C], b[:C]).view(B, q_in.shape[1], N, h, C // h).transpose(2, 3)
+        kv = F.linear(kv_in.reshape(-1, C), w[C:], b[C:]).view(B, kv_in.shape[1], N, 2, h, C // h)
+        k, v = kv.permute(3, 0, 1, 4, 2, 5).expand(2, B, L, h, N, C // h)  # (B, L, heads, N, d) each
+        keys = valid[:, None, None, None, :]  # attention never crosses images, never reaches padding
+        out = F.scaled_dot_product_attention(q.expand(B, L, h, N, C // h), k, v, attn_mask=keys)
+        out = F.linear(out.transpose(2, 3).reshape(-1, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
+        return out.view(B, L, N, C) * valid[:, None, :, None]

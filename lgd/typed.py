@@ -66,6 +66,8 @@ def convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in non_none)}, got {value!r}")
         return INVALID
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in get_args(tp):
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in get_args(tp):
             problems.append(f"{path}: {value!r} is not {_type_name(tp)}")
             return INVALID

@@ -40,8 +40,15 @@ def test_detector_options_are_checked_against_torchvision():
 
 def test_digest_tracks_what_is_trained_only(make_config):
     a = make_config()
-    assert a.digest() == make_config(output_dir="elsewhere", log_period=7).digest()
-    assert a.digest() != make_config(lgd={"distill_weight": 2.0}).digest()
+    assert a.digest() == make_config(output_dir="elsewhere", log_period=7, channels_last=True).digest()
+    assert a.digest() == make_config(data={"max_unreadable_fraction": 0.01, "loader_workers": 2}).digest()
+    # a baseline trains the same whatever its LGD settings; an LGD trial does not
+    assert a.digest() == make_config(lgd={"distill_weight": 2.0}).digest()
+    lgd = make_config(lgd={"enabled": True})
+    assert lgd.digest() != a.digest()
+    assert lgd.digest() != make_config(lgd={"enabled": True, "distill_weight": 2.0}).digest()
+    assert lgd.digest() != make_config(lgd={"enabled": True, "image_level_tnet": True}).digest()
+    assert a.digest() != make_config(solver={"amp": "bf16"}).digest()
     b = config_from_dict({"data": {"name": "coco", "train_images": "/a", "train_annotations": "/a.json",
                                    "val_images": "/b", "val_annotations": "/b.json", "synthetic": None}})
     c = config_from_dict({"data": {"name": "coco", "train_images": "/x", "train_annotations": "/x.json",

@@ -5,7 +5,7 @@ import torch
 from lgd.appearance import AppearanceEncoder
 from lgd.distillation import distillation_loss
 from lgd.label_encoder import build_label_encoder
-from lgd.objects import pack_objects
+from lgd.objects import PyramidLayout, pack_objects
 from lgd.relation_adapter import RelationAdapter
 
 K = 3
@@ -64,13 +64,14 @@ def test_descriptor_layout_and_context_object():
     t = [{"boxes": torch.tensor([[0.0, 16.0, 32.0, 64.0]]), "labels": torch.tensor([2])}]
     p = pack_objects(t, [(48, 64)], (64, 128), use_context=True)
     d = p.descriptors(K)
-    # object: box / (W=128, H=64) then one-hot, all mapped to [-1, 1]
-    torch.testing.assert_close(d[0, 1], torch.tensor([-1.0, -0.5, -0.5, 1.0, -1.0, 1.0, -1.0]))
-    # context: the whole image (w=64, h=48 inside the 128x64 padding), zero class vector
-    torch.testing.assert_close(d[0, 0], torch.tensor([-1.0, -1.0, 0.0, 0.5, -1.0, -1.0, -1.0]))
+    # object: box clamped to the padded batch (y2 64 -> 63), / (W=128, H=64), then one-hot, all mapped to [-1, 1]
+    torch.testing.assert_close(d[0, 1], torch.tensor([-1.0, -0.5, -0.5, 63 / 32 - 1, -1.0, 1.0, -1.0]))
+    # context: the whole padded batch, clamped to (W-1, H-1), zero class vector
+    torch.testing.assert_close(d[0, 0], torch.tensor([-1.0, -1.0, 127 / 64 - 1, 63 / 32 - 1, -1.0, -1.0, -1.0]))
     m = p.level_masks((8, 16)).reshape(1, 2, 8, 16)
-    assert m[0, 0, :6, :8].all() and m[0, 0].sum() == 48  # context: exactly the image area at stride 8
-    assert m[0, 1, 2:8, 0:4].all() and m[0, 1].sum() == 24
+    assert m[0, 0].all()  # context: every cell of the level
+    # object at stride 8: x 0..4, y 2..7.875 -> columns 0..4, rows 2..7
+    assert m[0, 1, 2:8, 0:5].all() and m[0, 1].sum() == 30
 
 
 def test_mask_pooling_equals_hand_computed_mean():
@@ -79,19 +80,21 @@ def test_mask_pooling_equals_hand_computed_mean():
     t = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1])}]
     p = pack_objects(t, [(64, 64)], (64, 64), use_context=True)
     f = torch.randn(1, 8, 8, 8)
-    masks = [p.level_masks((8, 8))]
-    emb = enc([f], masks, p)
+    layout = PyramidLayout([(8, 8)], f.device)
+    emb = enc([f], p.pyramid_masks(layout), layout, p)
     proj = enc.proj(f)
-    torch.testing.assert_close(emb[0, 0, 1], proj[0, :, 1:5, 1:3].mean(dim=(1, 2)))
-    torch.testing.assert_close(emb[0, 0, 0], proj[0].mean(dim=(1, 2)))  # context: the whole image
+    # stride 8: x 1..3, y 1..5 -> the cells with 1 <= column <= 3 and 1 <= row <= 5
+    torch.testing.assert_close(emb[0, 0, 1], proj[0, :, 1:6, 1:4].mean(dim=(1, 2)))
+    torch.testing.assert_close(emb[0, 0, 0], proj[0].mean(dim=(1, 2)))  # context: the whole padded batch
 
 
-def test_small_box_still_covers_one_cell_and_padding_is_zero():
-    t = [{"boxes": torch.tensor([[9.0, 9.0, 10.0, 10.0]]), "labels": torch.tensor([1])},
+def test_padding_objects_have_empty_masks():
+    t = [{"boxes": torch.tensor([[9.0, 9.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
          {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     p = pack_objects(t, [(64, 64), (64, 64)], (64, 64), use_context=False)
-    m = p.level_masks((4, 4))
-    assert m[0, 0].sum() == 1 and m[1].sum() == 0
+    for cover in (False, True):
+        m = p.level_masks((4, 4), cover_touched_cells=cover)
+        assert m[0, 0].sum() > 0 and m[1].sum() == 0
     assert p.valid.tolist() == [[True], [False]]
 
 

@@ -153,3 +153,24 @@ def test_non_finite_loss_names_iteration_and_terms(make_config, tmp_path):
         train_loop(cfg)
     assert e.value.iteration >= 1 and any(not math.isfinite(v) for v in e.value.terms.values())
     assert f"iteration {e.value.iteration}" in str(e.value)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_train_lgd(make_config, tmp_path, amp):
+    cfg = make_config(lgd={"enabled": True, "distill_start": 0}, output_dir=str(tmp_path), max_eval_images=2,
+                      solver={"amp": amp}, channels_last=True)
+    train, _ = build_datasets(cfg)
+    model = build_model(cfg, train.num_classes)
+    assert model.detector.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    rows = []
+    metrics = train_loop(cfg, lambda m, c=None: rows.append(m) if "total_loss" in m else None)
+    assert rows and all(math.isfinite(r["total_loss"]) and math.isfinite(r["distill"]) for r in rows)
+    assert "bbox/AP" in metrics
+
+
+def test_fp16_non_finite_loss_still_names_the_term(make_config, tmp_path):
+    cfg = make_config(output_dir=str(tmp_path), solver={"base_lr": 1e12, "clip_grad_norm": None, "amp": "fp16"})
+    with pytest.raises(NonFiniteLossError) as e:
+        train_loop(cfg)
+    bad = [k for k, v in e.value.terms.items() if not math.isfinite(v)]
+    assert bad and set(bad) <= {"classification", "bbox_regression", "total_loss"}

@@ -1,1 +1,1 @@
-"""COCO-format data: the dataset reader, the synthetic shapes generator and batching."""
+"""COCO-format data: the pre-training check, image decoding, the reader, the synthetic generator, batching."""

@@ -3,27 +3,27 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from lgd.data.check import DataError, SplitCheck, check_dataset, check_split, fixes_summary
+from lgd.data.images import UNREADABLE, decode_rgb
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset problem that stops training before it starts; the message names the file and id."""
+__all__ = ["CocoDetection", "DataError", "FilterStats", "UnreadableImages", "collate", "collate_checked",
+           "load_datasets"]
 
 
 @dataclass
 class FilterStats:
-    """What the reader dropped or changed, reported in the log and recorded in MLflow."""
+    """What the check fixed and the reader dropped or changed, reported in the log and recorded in MLflow."""
     images: int = 0
     images_kept: int = 0
     images_without_objects: int = 0
@@ -31,23 +31,19 @@ class FilterStats:
     degenerate_boxes: int = 0
     clipped_boxes: int = 0
     truncated_objects: int = 0
+    filled_areas: int = 0  # the fixes of lgd.data.check (FIXES)
+    filled_iscrowd: int = 0
+    exif_oriented_images: int = 0
+    high_depth_images: int = 0
+    converted_images: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def _load_coco(ann_file: Path) -> COCO:
-    if not ann_file.is_file():
-        raise DataError(f"{ann_file}: annotation file not found")
-    try:
-        data = json.loads(ann_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{ann_file}: not valid JSON ({e})") from None
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if not isinstance(data, dict) or missing:
-        raise DataError(f"{ann_file}: not a COCO instances file (missing {', '.join(missing) or 'a top-level object'})")
+def _index(dataset: dict) -> COCO:
     coco = COCO()
-    coco.dataset = data
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
@@ -57,10 +53,13 @@ def _load_coco(ann_file: Path) -> COCO:
 class CocoDetection(torch.utils.data.Dataset):
     """Images as float tensors in [0, 1] (C, H, W) and targets {boxes x1y1x2y2, labels 1..K[, masks]}.
 
-    Category ids of any values map to contiguous labels 1..K (``label_to_cat`` maps back). Crowd
-    annotations are ignored, degenerate boxes dropped, boxes clipped to the image, and for training
-    images left without objects are skipped; each is counted in ``stats``. An unknown category id or a
-    missing image file raises :class:`DataError` before any training starts.
+    The split is checked first (:func:`lgd.data.check.check_split`, or ``checked`` when the caller ran it):
+    a refused defect raises :class:`DataError` before any training starts, fixes are counted. Category ids
+    of any values map to contiguous labels 1..K (``label_to_cat`` maps back). Crowd annotations are
+    ignored, degenerate boxes dropped, boxes clipped to the image, and for training images left without
+    objects are skipped; each is counted in ``stats``. Images are decoded like detection libraries do
+    (:func:`lgd.data.images.decode_rgb`); one that does not decode comes back as ``(None, {"image_id",
+    "unreadable"})`` for :func:`collate_checked` to skip and count.
     """
     image_dir: str
     ann_file: str
@@ -68,39 +67,31 @@ class CocoDetection(torch.utils.data.Dataset):
     with_masks: bool = False
     max_objects: int = 300
     stats: FilterStats = field(default_factory=FilterStats)
+    checked: Optional[SplitCheck] = field(default=None, repr=False)
 
     def __post_init__(self):
         ann_path, img_dir = Path(self.ann_file), Path(self.image_dir)
-        self.coco = _load_coco(ann_path)
+        checked = self.checked or check_split(img_dir, ann_path)
+        self.coco = _index(checked.dataset)
         cat_ids = sorted(c["id"] for c in self.coco.dataset["categories"])
-        if not cat_ids:
-            raise DataError(f"{ann_path}: no categories")
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(cat_ids)}
         self.class_names = [self.coco.cats[c].get("name", str(c)) for c in cat_ids]
-        if not img_dir.is_dir():
-            raise DataError(f"{img_dir}: image folder not found (for {ann_path})")
         self.records = []
         st = self.stats
-        for img_id in sorted(self.coco.imgs):
+        for kind, n in checked.fixes.items():
+            setattr(st, kind, n)
+        for img_id in sorted(self.coco.imgs):  # the check made every field below present, typed and resolvable
             info = self.coco.imgs[img_id]
             path = img_dir / info["file_name"]
-            if not path.is_file():
-                raise DataError(f"{ann_path}: image id {img_id}: file {path} not found")
             st.images += 1
             w, h = float(info["width"]), float(info["height"])
             boxes, labels, anns = [], [], []
             for ann in self.coco.imgToAnns.get(img_id, []):
-                if ann.get("category_id") not in self.cat_to_label:
-                    raise DataError(f"{ann_path}: annotation id {ann.get('id')}: unknown category id "
-                                    f"{ann.get('category_id')!r} (known: {cat_ids})")
-                if ann.get("iscrowd", 0):
+                if ann["iscrowd"]:
                     st.crowd_annotations += 1
                     continue
-                bbox = ann.get("bbox")
-                if not (isinstance(bbox, list) and len(bbox) == 4):
-                    raise DataError(f"{ann_path}: annotation id {ann.get('id')}: bbox must be [x, y, w, h], got {bbox!r}")
-                x, y, bw, bh = (float(v) for v in bbox)
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
                 x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
                 if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
                     st.clipped_boxes += 1
@@ -122,6 +113,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.records:
             raise DataError(f"{ann_path}: no usable images ({st.as_dict()})")
         log.info("%s: %s", ann_path.name, st.as_dict())
+        for line in fixes_summary(checked.fixes):
+            log.info("%s: fixed: %s", ann_path.name, line)
 
     @property
     def num_classes(self) -> int:
@@ -133,10 +126,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, idx: int):
         img_id, path, h, w, boxes, labels, anns = self.records[idx]
         try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
+            arr = decode_rgb(path)
+        except UNREADABLE as e:  # passed the header check, fails now: skipped and counted by the caller
+            return None, {"image_id": img_id, "unreadable": f"{path}: {type(e).__name__}: {e}"}
+        if arr.shape[:2] != (h, w):
+            return None, {"image_id": img_id, "unreadable": f"{path}: decodes to {arr.shape[1]}x{arr.shape[0]}, "
+                                                            f"not the checked {w}x{h} (changed since the check?)"}
         image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
         target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -158,6 +153,55 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+def collate_checked(batch):
+    """(images, targets, skipped) of a batch: ``skipped`` are the targets of images that did not decode."""
+    images = [im for im, _ in batch if im is not None]
+    targets = [t for im, t in batch if im is not None]
+    skipped = [t for im, t in batch if im is None]
+    return images, targets, skipped
+
+
 def collate(batch):
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+    """(images, targets) of the images that decoded."""
+    return collate_checked(batch)[:2]
+
+
+@dataclass
+class UnreadableImages:
+    """Images that passed the check but failed to decode: skipped, logged once with their id, counted;
+    more than ``max_fraction`` of ``total`` of them is a :class:`DataError` naming them."""
+    source: str  # the annotation file, for messages
+    total: int
+    max_fraction: float
+    reasons: dict = field(default_factory=dict)  # image id -> why it did not decode
+
+    def add(self, skipped: Iterable[dict]) -> None:
+        for t in skipped:  # the few targets of undecodable images, not a batch's images
+            if t["image_id"] not in self.reasons:
+                self.reasons[t["image_id"]] = t["unreadable"]
+                log.warning("%s: image id %s skipped, it does not decode: %s", self.source, t["image_id"],
+                            t["unreadable"])
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.count > self.max_fraction * self.total
+
+    def error(self) -> DataError:
+        listed = "\n".join(f"  - image id {k}: {v}" for k, v in list(self.reasons.items())[:10])
+        return DataError(f"{self.source}: {self.count} of {self.total} images do not decode, more than "
+                         f"data.max_unreadable_fraction={self.max_fraction:g} allows:\n{listed}")
+
+
+def load_datasets(train_images: str, train_annotations: str, val_images: str, val_annotations: str,
+                  with_masks: bool = False, max_objects: int = 300) -> tuple[CocoDetection, CocoDetection]:
+    """Check a train/val pair (:func:`lgd.data.check.check_dataset`: refusals first) and read both splits."""
+    train_check, val_check = check_dataset(train_images, train_annotations, val_images, val_annotations)
+    train = CocoDetection(train_images, train_annotations, train=True, with_masks=with_masks,
+                          max_objects=max_objects, checked=train_check)
+    val = CocoDetection(val_images, val_annotations, train=False, with_masks=with_masks, max_objects=max_objects,
+                        checked=val_check)
+    return train, val

@@ -12,6 +12,8 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
 from lgd.backbones import build_backbone
+from lgd.detectors.assignment import centre_sampling_assign, iou_assign
+from lgd.detectors.dense_losses import BATCHED_BOX_LOSSES, fcos_losses, retinanet_losses
 
 
 class DetectorAdapter:
@@ -36,12 +38,21 @@ class DetectorAdapter:
     def losses(self, features: OrderedDict, images: ImageList, targets: list[dict], heads: nn.Module) -> dict:
         raise NotImplementedError
 
+    def losses_pair(self, features: OrderedDict, instructive: OrderedDict, images: ImageList, targets: list[dict],
+                    heads: nn.Module) -> tuple[dict, dict]:
+        """The student's losses and the instructive features' (Eq. 6) through the same ``heads``."""
+        return (self.losses(features, images, targets, heads), self.losses(instructive, images, targets, heads))
+
     def predict(self, features: OrderedDict, images: ImageList, original_sizes, heads: nn.Module) -> list[dict]:
         raise NotImplementedError
 
 
 class _DenseAdapter(DetectorAdapter):
-    """RetinaNet and FCOS: one head over all levels, anchors from the feature sizes."""
+    """RetinaNet and FCOS: one head over all levels, anchors from the feature sizes.
+
+    Losses run the head once over every feature set of the step (student and instructive features
+    concatenated along the batch), and assign anchors once: both sets see the same anchors and boxes.
+    """
 
     def heads(self):
         return self.model.head
@@ -49,6 +60,29 @@ class _DenseAdapter(DetectorAdapter):
     def _run(self, features, images, heads):
         feats = list(features.values())
         return feats, heads(feats), self.model.anchor_generator(images, feats)
+
+    def assign(self, targets: list[dict], anchors: list[torch.Tensor], feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _losses(self, feature_sets: list[OrderedDict], images, targets, heads) -> list[dict]:
+        levels = [list(fs.values()) for fs in feature_sets]
+        feats = [torch.cat(group) if len(group) > 1 else group[0] for group in zip(*levels)]
+        out = heads(feats)
+        anchors = self.model.anchor_generator(images, levels[0])
+        matched = self.assign(targets, anchors, levels[0])
+        return self.set_losses(heads, targets, out, anchors, matched, len(feature_sets))
+
+    def set_losses(self, heads, targets, out, anchors, matched, sets: int) -> list[dict]:
+        """One loss dict per feature set; ``out`` holds the sets concatenated along the batch."""
+        B = len(targets)
+        return [heads.compute_loss(targets, {k: v[i * B:(i + 1) * B] for k, v in out.items()}, anchors, matched)
+                for i in range(sets)]
+
+    def losses(self, features, images, targets, heads):
+        return self._losses([features], images, targets, heads)[0]
+
+    def losses_pair(self, features, instructive, images, targets, heads):
+        return tuple(self._losses([features, instructive], images, targets, heads))
 
     def predict(self, features, images, original_sizes, heads):
         feats, out, anchors = self._run(features, images, heads)
@@ -66,17 +100,25 @@ class _DenseAdapter(DetectorAdapter):
 class RetinaNetAdapter(_DenseAdapter):
     name = "retinanet"
 
-    def losses(self, features, images, targets, heads):
-        _, out, anchors = self._run(features, images, heads)
-        return self.model.compute_loss(targets, out, anchors)
+    def assign(self, targets, anchors, feats):
+        m = self.model.proposal_matcher
+        return iou_assign(targets, anchors, m.high_threshold, m.low_threshold, m.allow_low_quality_matches)
+
+    def set_losses(self, heads, targets, out, anchors, matched, sets):
+        if heads.regression_head._loss_type not in BATCHED_BOX_LOSSES:
+            return super().set_losses(heads, targets, out, anchors, matched, sets)
+        return retinanet_losses(heads, targets, out, anchors, matched, sets)
 
 
 class FCOSAdapter(_DenseAdapter):
     name = "fcos"
 
-    def losses(self, features, images, targets, heads):
-        feats, out, anchors = self._run(features, images, heads)
-        return self.model.compute_loss(targets, out, anchors, [x.size(2) * x.size(3) for x in feats])
+    def assign(self, targets, anchors, feats):
+        return centre_sampling_assign(targets, anchors, [x.size(2) * x.size(3) for x in feats],
+                                      self.model.center_sampling_radius)
+
+    def set_losses(self, heads, targets, out, anchors, matched, sets):
+        return fcos_losses(heads, targets, out, anchors, matched, sets)
 
 
 class FasterRCNNAdapter(DetectorAdapter):
