@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last of both configs")
     args = p.parse_args()
     device = torch.device(args.device)
-    name = device_name(device)
+    name = device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads per measurement)"
     print(f"# {name}, {args.backbone}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
           f"{args.steps} timed steps; memory: {'peak CUDA allocation' if device.type == 'cuda' else 'process max RSS'}")
     for det in args.detectors.split(","):

@@ -29,8 +29,9 @@ class RelationAdapter(nn.Module):
         w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
         q = F.linear(q_in.reshape(-1, C), w[:C], b[:C]).view(B, q_in.shape[1], N, h, C // h).transpose(2, 3)
         kv = F.linear(kv_in.reshape(-1, C), w[C:], b[C:]).view(B, kv_in.shape[1], N, 2, h, C // h)
-        k, v = kv.permute(3, 0, 1, 4, 2, 5).expand(2, B, L, h, N, C // h)  # (B, L, heads, N, d) each
-        keys = valid[:, None, None, None, :]  # attention never crosses images, never reaches padding
-        out = F.scaled_dot_product_attention(q.expand(B, L, h, N, C // h), k, v, attn_mask=keys)
-        out = F.linear(out.transpose(2, 3).reshape(-1, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
+        k, v = kv.permute(3, 0, 1, 4, 2, 5).expand(2, B, L, h, N, C // h).reshape(2, B * L, h, N, C // h)
+        q = q.expand(B, L, h, N, C // h).reshape(B * L, h, N, C // h)  # dense 4-D inputs for every SDPA kernel
+        keys = valid.repeat_interleave(L, dim=0)[:, None, None, :]  # never across images, never to padding
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        out = F.linear(out.transpose(1, 2).reshape(-1, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
         return out.view(B, L, N, C) * valid[:, None, :, None]

@@ -72,6 +72,12 @@ class DatasetSpec:
     val_images: Optional[str] = None
     val_annotations: Optional[str] = None
     synthetic: Optional[SyntheticData] = None
+    # the dataset the paper reports on (MS-COCO 2017): only then are its absolute numbers put beside ours
+    paper: bool = False
+
+    def check(self):
+        if self.paper and self.synthetic is not None:
+            yield "paper", "a synthetic dataset is never the paper's (MS-COCO): drop 'paper: true'"
 
     def data_config(self) -> dict:
         if self.synthetic is not None:
@@ -107,12 +113,20 @@ class TableSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     metric: str = "bbox/AP"
     scheduler: Optional[Literal["asha"]] = None  # early stopping (λ search)
+    seeds: Optional[int] = None  # replicate every cell over seeds 0..seeds-1 (the report: mean ± std, n)
 
     def check(self):
         if not _NAME_RE.match(self.name):
             yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names files)"
         if not self.grid:
             yield "grid", "must list at least one product of axes"
+        if self.seeds is not None:
+            if self.seeds < 1:
+                yield "seeds", "must be >= 1"
+            for where, keys in ([("rows", self.rows), ("columns", self.columns), ("fixed", self.fixed)]
+                                + [(f"grid[{i}]", b) for i, b in enumerate(self.grid)]):
+                if "seed" in keys:
+                    yield f"{where}.seed", "a table with 'seeds: N' sets the seed itself (0..N-1): drop this seed axis"
 
 
 @dataclass
@@ -125,12 +139,16 @@ class Grid:
     detector_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # per detector, over defaults
     resources: Resources = field(default_factory=Resources)
     max_failures: int = 2  # worker failures a trial recovers from (from its last checkpoint)
+    # a trial with no report for this long (waiting for its workers' resources included) fails with that reason
+    progress_timeout_s: float = 1800.0
 
     def check(self):
         if not _NAME_RE.match(self.name):
             yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names folders)"
         if self.max_failures < 0:
             yield "max_failures", "must be >= 0"
+        if not self.progress_timeout_s > 0:
+            yield "progress_timeout_s", "must be > 0 (seconds)"
         for det in self.detector_defaults:
             if det not in DETECTORS:
                 yield f"detector_defaults.{det}", f"unknown detector; known: {', '.join(DETECTORS)}"
@@ -276,13 +294,15 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                                     f"(also from {seen[(row, col)]})")
                     continue
                 seen[(row, col)] = label
-                digest = cfg.digest()
-                spec = trials.get(digest)
-                if spec is None:
-                    spec = trials[digest] = TrialSpec(digest, cfg.to_dict(), [], table.scheduler)
-                elif table.scheduler and spec.scheduler != table.scheduler:
-                    spec.scheduler = None  # a cell needs the full run: no early stopping for it
-                spec.cells.append(Cell(table.name, row, col, len(seen)))
+                for seeded in ([cfg] if table.seeds is None else  # the cell's replicates, one run per seed
+                               [dataclasses.replace(cfg, seed=s) for s in range(table.seeds)]):
+                    digest = seeded.digest()
+                    spec = trials.get(digest)
+                    if spec is None:
+                        spec = trials[digest] = TrialSpec(digest, seeded.to_dict(), [], table.scheduler)
+                    elif table.scheduler and spec.scheduler != table.scheduler:
+                        spec.scheduler = None  # a cell needs the full run: no early stopping for it
+                    spec.cells.append(Cell(table.name, row, col, len(seen)))
     if problems:
         raise ConfigError(problems)
     return list(trials.values())

@@ -4,7 +4,8 @@ written out as the paper's tables.
     python orchestration/run_grid.py --grid experiments/quickstart.yaml
 
 Finished cells (found in MLflow by config digest) are never run again; unfinished ones continue from
-their last checkpoint. Exit codes: 0 all cells done, 1 some trials failed, 2 bad input (nothing started).
+their last checkpoint. Exit codes: 0 all cells done, 1 some trials failed, 2 bad input (nothing started),
+130 interrupted (Ctrl-C or SIGTERM: the first stops the grid and closes its MLflow runs, a second at once).
 """
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import argparse
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lgd.config import TrainConfig
-from lgd.data.coco import CocoDetection, DataError
+from lgd.data.coco import DataError, load_datasets
 from lgd.typed import ConfigError, build
 from orchestration.costs import v100_hours
 from orchestration.grid import Grid, TrialSpec, expand, load_grid
@@ -71,18 +74,18 @@ def _dry_run(grid: Grid, specs: list[TrialSpec]) -> None:
 
 
 def _check_data(specs: list[TrialSpec]) -> None:
-    """Read every real dataset's annotations once before any trial starts (synthetic ones are generated later)."""
+    """Check every real dataset in full (lgd.data.check: fields, ids, references, categories, every image
+    header) before MLflow or Ray is touched; a refused one raises DataError. Synthetic sets are generated later."""
     seen = set()
     for s in specs:
         d = s.config["data"]
         if d.get("synthetic") is not None:
             continue
-        for split in ("train", "val"):
-            key = (d[f"{split}_images"], d[f"{split}_annotations"])
-            if key in seen:
-                continue
-            seen.add(key)
-            ds = CocoDetection(key[0], key[1], train=split == "train", max_objects=d["max_objects_per_image"])
+        key = (d["train_images"], d["train_annotations"], d["val_images"], d["val_annotations"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for split, ds in zip(("train", "val"), load_datasets(*key, max_objects=d["max_objects_per_image"])):
             print(f"dataset {d['name']} {split}: {ds.stats.as_dict()}")
 
 
@@ -99,12 +102,40 @@ def _concurrency(grid: Grid, cap: int | None) -> int:
     return min(n, cap) if cap else n
 
 
+class Interruption:
+    """Ctrl-C / SIGTERM of the driver: the first ends the grid gracefully (Tune stops its trials, which keep
+    their checkpoints), a second stops at once, a third exits without cleaning up."""
+
+    def __init__(self):
+        self.count = 0
+        self.cleaning_up = False  # closing the MLflow runs: only a third signal cuts that short
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        if self.count == 1:  # Tune asks the stopper below at its next step
+            log.warning("%s: stopping the grid; its MLflow runs are closed, --resume continues it "
+                        "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+        elif self.count == 2 and not self.cleaning_up:
+            raise KeyboardInterrupt
+        elif self.count > 2:
+            os._exit(130)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the signals come here, not to Tune
+            signal.signal(signal.SIGINT, self)
+            signal.signal(signal.SIGTERM, self)
+
+
 def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -> int:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.stopper import Stopper
 
+    from orchestration.chaos import PLAN_ENV
     from orchestration.trial import MLflowRecorder, run_trial
+    from orchestration.trial_resources import PlacementGroupJanitor
 
     finished = tracker.finished_digests()
     todo = [s for s in specs if s.digest not in finished]
@@ -112,17 +143,33 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
     if not todo:
         return 0
     storage = args.storage or str((out / "ray_storage").resolve())
+    interruption = Interruption()
+    interruption.install()
     parent = tracker.start_parent(grid.name, {"lgd.grid_file": str(args.grid), "lgd.git_commit": _git_commit()},
                                   resume=args.resume)
-    # Trials queue for workers on a busy cluster: waiting is normal, so wait long before calling it a failure.
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "1800")}
-    if args.address:
-        ray.init(address=args.address, runtime_env={"env_vars": env})
-    else:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})  # state API: Train cleans up with it
+    # A trial whose workers get no resources for progress_timeout_s fails with that reason (no report either).
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(grid.progress_timeout_s)}
+    if os.environ.get(PLAN_ENV):  # chaos tests: the planned worker kills
+        env[PLAN_ENV] = os.environ[PLAN_ENV]
+    # Fault and failure reports carry no scheduler metric; ASHA skips them, Tune must not refuse them.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+    class StopWhenInterrupted(Stopper):
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return interruption.count > 0
+
     errors = 0
+    recorder = None
     try:
+        if args.address:
+            ray.init(address=args.address, runtime_env={"env_vars": env})
+        else:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+            ray.init(num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})  # state API
+        interruption.install()  # again: ray.init sets its own SIGTERM handler
         concurrent = _concurrency(grid, args.max_concurrent)
         resources = dict(grid.resources.__dict__)
         recorder = MLflowRecorder(tracker, grid.name, parent, {"lgd.grid_file": str(args.grid),
@@ -139,19 +186,29 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20}),  # the trial driver itself holds no CPU
                 param_space={"trial": tune.grid_search([s.to_dict() for s in group]), "resources": resources,
-                             "storage": storage, "max_failures": grid.max_failures},
+                             "storage": storage, "max_failures": grid.max_failures,
+                             "progress_timeout_s": grid.progress_timeout_s},
                 tune_config=tune.TuneConfig(**tune_cfg),
                 run_config=tune.RunConfig(name=f"tune-{grid.name}-{parent[:8]}{'-' + sched if sched else ''}",
-                                          storage_path=storage, callbacks=[recorder],
+                                          storage_path=storage, callbacks=[recorder, PlacementGroupJanitor()],
+                                          stop=StopWhenInterrupted(),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
+            if interruption.count:
+                break
             results = tuner.fit()
             errors += len(results.errors)
+            if interruption.count:
+                break
         errors = max(errors, len(recorder.failed))  # the recorder also counts trials that reported divergence
     finally:
-        tracker.end_parent(parent, ok=errors == 0)
+        interruption.cleaning_up = True
+        interrupted = interruption.count > 0
+        if recorder is not None and recorder.close_open():  # Tune stopped trials it had not finished
+            interrupted = True
+        tracker.end_parent(parent, ok=errors == 0, interrupted=interrupted)
         ray.shutdown()
-    return 1 if errors else 0
+    return 130 if interrupted else 1 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         _dry_run(grid, specs)
         return 0
+    try:
+        _check_data(specs)  # before MLflow and Ray: a refused dataset creates nothing
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.output or Path("runs") / grid.name)
     out.mkdir(parents=True, exist_ok=True)
     uri = args.tracking_uri or default_tracking_uri(out)
@@ -180,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                       (out / "mlartifacts").resolve().as_uri())
     try:
         tracker.check()
-        _check_data(specs)
-    except (TrackingUnavailable, DataError) as e:
+    except TrackingUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    code = run(grid, specs, args, out, tracker)
+    try:
+        code = run(grid, specs, args, out, tracker)
+    except KeyboardInterrupt:  # a second Ctrl-C: its runs are closed, nothing else is done
+        print("interrupted: MLflow runs closed; --resume continues the grid", file=sys.stderr)
+        return 130
     text = write_reports(grid, specs, tracker, out)
     print(text)
     print(f"tables and report written to {out}/ (report.md, report.html, tables/)")

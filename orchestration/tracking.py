@@ -18,7 +18,7 @@ log = logging.getLogger("lgd.tracking")
 TAG_KIND = "lgd.kind"  # "grid" | "trial"
 TAG_GRID = "lgd.grid"
 TAG_DIGEST = "lgd.digest"
-TAG_STATE = "lgd.state"  # running | done | failed | stopped
+TAG_STATE = "lgd.state"  # running | done | failed | stopped | interrupted
 TAG_CELLS = "lgd.cells"  # JSON list of {table, row, column}
 PARENT = "mlflow.parentRunId"
 
@@ -104,8 +104,8 @@ class Tracker:
                          tags={TAG_KIND: "grid", TAG_GRID: grid_name, **tags})
         return run.info.run_id
 
-    def end_parent(self, run_id: str, ok: bool) -> None:
-        self._call(self.client.set_terminated, run_id, "FINISHED" if ok else "FAILED")
+    def end_parent(self, run_id: str, ok: bool, interrupted: bool = False) -> None:
+        self._call(self.client.set_terminated, run_id, "KILLED" if interrupted else "FINISHED" if ok else "FAILED")
 
     def trial_runs(self, grid_name: str | None = None) -> list:
         f = f"tags.`{TAG_KIND}` = 'trial'"
@@ -163,10 +163,10 @@ class Tracker:
         self._call(self.client.log_text, run_id, text, name)
 
     def finish(self, run_id: str, state: str) -> None:
-        """state: done | failed | stopped."""
+        """state: done | failed | stopped (early stopping) | interrupted (the driver was)."""
         self.flush(run_id)
         self.set_tags(run_id, {TAG_STATE: state})
-        status = {"done": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}[state]
+        status = {"done": "FINISHED", "failed": "FAILED", "stopped": "KILLED", "interrupted": "KILLED"}[state]
         self._call(self.client.set_terminated, run_id, status)
 
 

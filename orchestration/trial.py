@@ -1,18 +1,21 @@
-"""TrialSpec -> a Ray Tune function trainable that fits a Ray Train TorchTrainer (train_loop in every worker),
-and the driver-side Tune callback that records every trial in MLflow."""
+"""TrialSpec -> a Ray Tune function trainable that fits a Ray Train TorchTrainer (train_loop in every worker)
+until the trial finishes or its worker failures are spent, and the driver-side Tune callback that records
+every trial in MLflow."""
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import tempfile
 import time
+import zipfile
 
 import pyarrow.fs
 import ray.train
 import yaml
 from ray import tune
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -21,12 +24,15 @@ from lgd.config import TrainConfig
 from lgd.data.coco import DataError
 from lgd.engine import CHECKPOINT_FILE, NonFiniteLossError, train_loop
 from lgd.typed import build
+from orchestration.chaos import PLAN_ENV, StartupKill, WorkerChaos
+from orchestration.faults import ProgressWatchdog, TrialFailed, classify
 from orchestration.grid import TrialSpec
 from orchestration.tracking import Tracker
+from orchestration.trial_resources import release_placement_groups, worker_runtime_env
 
 log = logging.getLogger("lgd.trial")
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_id", "experiment_tag", "checkpoint_path",
-                                  "should_checkpoint", "diverged_terms", "fatal_error"}
+                                  "should_checkpoint", "diverged_terms", "fatal_error", "failure_cause"}
 
 
 def worker_loop(loop_config: dict) -> None:
@@ -36,10 +42,16 @@ def worker_loop(loop_config: dict) -> None:
     cfg.output_dir = tempfile.mkdtemp(prefix=f"lgd-{loop_config['digest']}-r{ctx.get_world_rank()}-")
     cfg.threads = loop_config["threads"]
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else None
+    chaos = WorkerChaos.from_env(loop_config["digest"], loop_config["storage"], cfg.solver.max_iter)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        step, finished = int(metrics.get("iteration", 0)), bool(metrics.get("finished"))
+        if chaos:
+            chaos.before_report(step, checkpoint_dir, finished)
         ray.train.report(metrics, checkpoint=ckpt)
+        if chaos:
+            chaos.after_report(step, finished)
 
     checkpoint = ray.train.get_checkpoint() or _latest_checkpoint(loop_config["storage"], loop_config["digest"])
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume:
@@ -54,8 +66,9 @@ def worker_loop(loop_config: dict) -> None:
 def _latest_checkpoint(storage: str, digest: str) -> Checkpoint | None:
     """The newest complete checkpoint of this trial in its storage folder, found by listing it.
 
-    Ray Train hands a restarted worker group its latest checkpoint; this also covers a new trainer after the
-    driver was lost (and restarts where Ray's hand-over came back empty).
+    Ray Train hands a restarted worker group its latest registered checkpoint; this also covers a new trainer
+    after the driver was lost (and restarts where Ray's hand-over came back empty). A folder whose upload a
+    worker death cut short is passed over: its checkpoint file is not a complete zip archive.
     """
     fs, root = pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage else (pyarrow.fs.LocalFileSystem(), storage)
     base = f"{root.rstrip('/')}/trial-{digest}"
@@ -66,19 +79,26 @@ def _latest_checkpoint(storage: str, digest: str) -> Checkpoint | None:
     names = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
                     and i.base_name.startswith("checkpoint_")), reverse=True)
     for name in names:  # names carry a sortable timestamp
-        if fs.get_file_info(f"{base}/{name}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
+        path = f"{base}/{name}/{CHECKPOINT_FILE}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            continue
+        with fs.open_input_file(path) as f:
+            complete = zipfile.is_zipfile(f)  # torch.save writes a zip; a cut upload lacks its directory
+        if complete:
             return Checkpoint(f"{base}/{name}", filesystem=fs)
+        log.warning("checkpoint %s/%s is incomplete (its upload was cut short); passed over", base, name)
     return None
 
 
-def run_trial(config: dict) -> None:
-    """The Tune function trainable of one trial: build and fit its TorchTrainer."""
-    spec = TrialSpec.from_dict(config["trial"])
+def _trainer(spec: TrialSpec, config: dict, to_tune: TuneReportCallback) -> TorchTrainer:
     res = config["resources"]
     per_worker = {"CPU": res["cpus_per_worker"]}
     if res["use_gpu"]:
         per_worker["GPU"] = res["gpus_per_worker"]
-    trainer = TorchTrainer(
+    callbacks = [to_tune, ProgressWatchdog(config["progress_timeout_s"])]
+    if os.environ.get(PLAN_ENV):
+        callbacks.append(StartupKill(spec.digest))
+    return TorchTrainer(
         worker_loop,
         train_loop_config={"config": spec.config, "digest": spec.digest, "use_gpu": res["use_gpu"],
                            "storage": config["storage"],
@@ -88,14 +108,51 @@ def run_trial(config: dict) -> None:
         run_config=ray.train.RunConfig(
             name=f"trial-{spec.digest}",  # the same name finds the same checkpoints after a restart
             storage_path=config["storage"],
-            failure_config=FailureConfig(max_failures=config["max_failures"]),
+            # Ray Train retries nothing itself: every failure, wherever the worker died (start-up, training,
+            # checkpoint upload, evaluation), comes back to run_trial, which counts it against max_failures.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[TuneReportCallback()],
+            callbacks=callbacks,
+            worker_runtime_env=worker_runtime_env(spec.digest),
         ),
     )
-    # Divergence and bad data end the workers normally after a last report (so Ray Train does not retry
-    # them); the MLflowRecorder reads that report and records the trial as failed.
-    trainer.fit()
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function trainable of one trial: fit its TorchTrainer, again after each lost worker.
+
+    Each fit resumes from the trial's latest checkpoint (same run name and storage). A fault is reported to
+    Tune (the MLflowRecorder tags its cause and iteration); the trial fails (TrialFailed) when more than
+    ``max_failures`` faults happened, or at once on a final one (no progress, resources never given).
+    Divergence and bad data end the workers normally after a last report, which the MLflowRecorder records
+    as the trial's failure. Fault reports go through the workers' channel, so Tune gets everything in order,
+    and a failing trial raises rather than returns: Tune delivers the reports still queued before the error.
+    """
+    spec = TrialSpec.from_dict(config["trial"])
+    to_tune = TuneReportCallback()  # the workers' reports and the faults below reach Tune through it, in order
+    failures = 0
+    while True:
+        fault = None
+        try:
+            _trainer(spec, config, to_tune).fit()
+        except TrainingFailedError as e:
+            fault = classify(e, config["progress_timeout_s"])
+        finally:
+            release_placement_groups(spec.digest)  # whatever Ray Train left of this attempt
+        if fault is None:
+            return
+        if fault.final:
+            to_tune.after_report(None, [{"fatal_error": fault.cause}], None)
+            raise TrialFailed(fault.cause)
+        failures += 1
+        result = {"worker_failure": failures, "failure_cause": fault.cause}
+        if failures > config["max_failures"]:
+            result["fatal_error"] = (f"worker failures spent ({failures} > max_failures {config['max_failures']});"
+                                     f" last: {fault.cause}")
+        log.warning("trial %s: failure %d: %s", spec.digest, failures, fault.cause)
+        to_tune.after_report(None, [result], None)
+        if "fatal_error" in result:
+            raise TrialFailed(result["fatal_error"])
 
 
 class MLflowRecorder(tune.Callback):
@@ -118,8 +175,8 @@ class MLflowRecorder(tune.Callback):
                                               {**self.tags, "lgd.early_stopping": spec.scheduler or "none"})
         if last == 0:
             self.tracker.log_text(run_id, yaml.safe_dump(spec.config, sort_keys=False), "config.yaml")
-        self.state[trial.trial_id] = {"run_id": run_id, "last": last, "start": time.time(), "history": [],
-                                      "final": {}, "digest": spec.digest, "failure": None}
+        self.state[trial.trial_id] = {"run_id": run_id, "last": last, "seen": last, "start": time.time(),
+                                      "history": [], "final": {}, "digest": spec.digest, "failure": None}
         log.info("trial %s -> MLflow run %s (%s)", spec.digest, run_id, ", ".join(
             f"{c['table']}: {c['row']} / {c['column']}" for c in cells))
 
@@ -128,17 +185,26 @@ class MLflowRecorder(tune.Callback):
         if st is None:
             return
         metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
+        if result.get("worker_failure"):  # a lost worker: the trial restarts from its checkpoint (or is spent)
+            n = int(result["worker_failure"])
+            self.tracker.set_tags(st["run_id"], {"lgd.worker_failures": n,
+                                                 f"lgd.worker_failure.{n}.cause": result.get("failure_cause"),
+                                                 f"lgd.worker_failure.{n}.iteration": st["seen"]})
+        if result.get("fatal_error"):
+            st["failure"] = result["fatal_error"]
+            self.tracker.set_tags(st["run_id"], {"lgd.failure": result["fatal_error"],
+                                                 "lgd.failure.iteration": st["seen"]})
+            return
+        if "worker_failure" in result:
+            return
         if result.get("diverged"):
             st["failure"] = f"non-finite loss at iteration {result.get('iteration')}: {result.get('diverged_terms')}"
             self.tracker.set_tags(st["run_id"], {"lgd.failure": "non-finite loss",
                                                  "lgd.failure.iteration": result.get("iteration"),
                                                  "lgd.failure.terms": result.get("diverged_terms")})
             return
-        if result.get("fatal_error"):
-            st["failure"] = result["fatal_error"]
-            self.tracker.set_tags(st["run_id"], {"lgd.failure": result["fatal_error"]})
-            return
         step = int(metrics.get("iteration", 0))
+        st["seen"] = max(st["seen"], step)
         if metrics.get("finished"):
             st["final"] = metrics
             self.tracker.log_metrics(st["run_id"], metrics, step)
@@ -174,7 +240,21 @@ class MLflowRecorder(tune.Callback):
         else:
             self._close(trial, "done" if st.get("final") else "stopped")
 
+    def close_open(self) -> int:
+        """Close every run still open (the driver was interrupted) as ``interrupted``; how many."""
+        open_ids = list(self.state)
+        for trial_id in open_ids:
+            st = self.state.pop(trial_id)
+            self.tracker.finish(st["run_id"], "interrupted")
+            log.warning("trial %s interrupted (MLflow run %s KILLED); --resume continues it", st["digest"],
+                        st["run_id"])
+        return len(open_ids)
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        failure = self.state.get(trial.trial_id, {}).get("failure")
+        if failure:  # the trainable reported its fault, then raised TrialFailed
+            self._close(trial, "failed", error=failure)
+            return
         err = None
         try:
             err = trial.get_error()

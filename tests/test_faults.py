@@ -35,15 +35,23 @@ def _checkpoints(out, digest=None):
     return sorted((out / "ray_storage").glob(pattern))
 
 
-def _train_workers():
+def _train_workers(driver_pid):
+    """The Ray Train workers of this driver's own local Ray (other Ray instances on the machine are not ours)."""
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(driver_pid).children(recursive=True):
         try:
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            if any("RayTrainWorker" in part for part in p.cmdline()):
                 procs.append(p)
         except psutil.Error:
             continue
     return procs
+
+
+def _pgid(p):
+    try:
+        return os.getpgid(p.pid)
+    except OSError:
+        return None
 
 
 def _popen(grid, out, *extra):
@@ -66,7 +74,7 @@ def test_killed_worker_resumes_from_its_checkpoint_with_one_clean_run(tmp_path):
     try:
         # two checkpoints in storage: the first is surely registered with the trainer by then
         _wait_for(lambda: len(_checkpoints(out)) >= 2, 300, "two checkpoints")
-        victims = _wait_for(_train_workers, 60, "a Ray Train worker process")
+        victims = _wait_for(lambda: _train_workers(proc.pid), 60, "a Ray Train worker process")
         for v in victims:
             v.send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
@@ -101,9 +109,10 @@ def test_killed_driver_resumes_without_rerunning_finished_cells(tmp_path):
             return None
         done_run, partial = _wait_for(one_done_one_checkpointed, 480, "one finished trial and one checkpoint")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (one process group)
         proc.wait(timeout=60)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    _wait_for(lambda: not [p for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+                           and _pgid(p) == proc.pid], 60, "the killed Ray to exit")
     partial_steps = _steps(MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), partial)
     assert not partial_steps or partial_steps[-1] < 27  # killed mid-trial
 
