@@ -168,7 +168,9 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
             ray.init(address=args.address, runtime_env={"env_vars": env})
         else:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-            ray.init(num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})  # state API
+            # a Ray of its own ("local"), never a cluster that `ray start` left on this machine; the dashboard
+            # serves the state API
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})
         interruption.install()  # again: ray.init sets its own SIGTERM handler
         concurrent = _concurrency(grid, args.max_concurrent)
         resources = dict(grid.resources.__dict__)
