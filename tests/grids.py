@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -44,3 +45,14 @@ def run_grid(grid: Path, out: Path, *extra: str, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     return subprocess.run(run_grid_cmd(grid, out, *extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def wait_for(pred, timeout, what):
+    """Poll ``pred`` every 0.5 s until it returns something truthy (returned); fail after ``timeout`` s."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_placement_groups
 
-from grids import ROOT, run_grid_cmd, tiny_grid, write_grid
+from grids import ROOT, run_grid_cmd, tiny_grid, wait_for, write_grid
 from lgd.typed import ConfigError
 from orchestration.grid import expand, load_grid
 
@@ -239,16 +239,6 @@ def test_resources_never_given_fail_the_trial(tmp_path, cluster):
     assert wall < 120
 
 
-def _wait_for(pred, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _checkpoints(out, digest):
     return sorted((out / "ray_storage" / f"trial-{digest}").glob("checkpoint_*"))
 
@@ -264,7 +254,7 @@ def test_interrupted_driver_closes_its_runs_and_resume_continues(tmp_path, clust
 
     # SIGTERM: the grid stops gracefully, its runs are closed
     proc = _start(grid, out, cluster)
-    _wait_for(lambda: _checkpoints(out, a), 240, "a checkpoint")
+    wait_for(lambda: _checkpoints(out, a), 240, "a checkpoint")
     proc.send_signal(signal.SIGTERM)
     output = _finish(proc, timeout=120)
     assert proc.returncode == 130, output[-4000:]
@@ -272,7 +262,7 @@ def test_interrupted_driver_closes_its_runs_and_resume_continues(tmp_path, clust
 
     # --resume, then Ctrl-C twice: the second stops at once; still nothing left RUNNING
     proc = _start(grid, out, cluster, None, "--resume")
-    _wait_for(lambda: [r for r in _runs(out, "stop")[1] if r.info.status == "RUNNING"
+    wait_for(lambda: [r for r in _runs(out, "stop")[1] if r.info.status == "RUNNING"
                        and r.data.tags.get("lgd.kind") == "trial"], 240, "the trial running again")
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)

@@ -2,13 +2,12 @@
 import os
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from grids import ROOT, run_grid, run_grid_cmd, tiny_grid, write_grid
+from grids import ROOT, run_grid, run_grid_cmd, tiny_grid, wait_for, write_grid
 
 pytestmark = pytest.mark.slow
 
@@ -18,16 +17,6 @@ def _trial_runs(out, grid):
     exp = c.get_experiment_by_name(f"lgd-grid-{grid}")
     runs = c.search_runs([exp.experiment_id], max_results=1000)
     return c, [r for r in runs if r.data.tags.get("lgd.kind") == "trial"]
-
-
-def _wait_for(pred, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _checkpoints(out, digest=None):
@@ -73,8 +62,8 @@ def test_killed_worker_resumes_from_its_checkpoint_with_one_clean_run(tmp_path):
     proc = _popen(grid, out)
     try:
         # two checkpoints in storage: the first is surely registered with the trainer by then
-        _wait_for(lambda: len(_checkpoints(out)) >= 2, 300, "two checkpoints")
-        victims = _wait_for(lambda: _train_workers(proc.pid), 60, "a Ray Train worker process")
+        wait_for(lambda: len(_checkpoints(out)) >= 2, 300, "two checkpoints")
+        victims = wait_for(lambda: _train_workers(proc.pid), 60, "a Ray Train worker process")
         for v in victims:
             v.send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
@@ -107,11 +96,11 @@ def test_killed_driver_resumes_without_rerunning_finished_cells(tmp_path):
             if done and others and _checkpoints(out, others[0].data.tags["lgd.digest"]):
                 return done[0], others[0]
             return None
-        done_run, partial = _wait_for(one_done_one_checkpointed, 480, "one finished trial and one checkpoint")
+        done_run, partial = wait_for(one_done_one_checkpointed, 480, "one finished trial and one checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (one process group)
         proc.wait(timeout=60)
-    _wait_for(lambda: not [p for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
+    wait_for(lambda: not [p for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
                            and _pgid(p) == proc.pid], 60, "the killed Ray to exit")
     partial_steps = _steps(MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), partial)
     assert not partial_steps or partial_steps[-1] < 27  # killed mid-trial
