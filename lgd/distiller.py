@@ -32,6 +32,17 @@ def schedule_phase(cfg: TrainConfig, iteration: int) -> Phase:
     )
 
 
+def _stand_in(target: dict) -> dict:
+    """An image without objects (evaluation; training skips them) gets the reference's stand-in object:
+    a one-pixel box at the origin, of the first class (with a one-pixel instance mask where masks are used)."""
+    out = {**target, "boxes": target["boxes"].new_tensor([[0.0, 0.0, 1.0, 1.0]]),
+           "labels": target["labels"].new_ones(1)}
+    if "masks" in target:
+        out["masks"] = target["masks"].new_zeros((1, *target["masks"].shape[-2:]))
+        out["masks"][:, :1, :1] = 1
+    return out
+
+
 class Distiller(nn.Module):
     """One module for both methods: with ``lgd.enabled`` off it is the plain detector's training step."""
 
@@ -69,6 +80,7 @@ class Distiller(nn.Module):
     def instructive(self, features: OrderedDict, images, targets) -> OrderedDict:
         """The implicit teacher's output at every level, keyed like the student's features."""
         feats = list(features.values())
+        targets = [t if len(t["boxes"]) else _stand_in(t) for t in targets]
         if self.cfg.detach_appearance:
             feats = [f.detach() for f in feats]
         objs = pack_objects(targets, images.image_sizes, tuple(images.tensors.shape[-2:]), self.cfg.use_context,

@@ -174,3 +174,12 @@ def test_fp16_non_finite_loss_still_names_the_term(make_config, tmp_path):
         train_loop(cfg)
     bad = [k for k, v in e.value.terms.items() if not math.isfinite(v)]
     assert bad and set(bad) <= {"classification", "bbox_regression", "total_loss"}
+
+
+def test_teacher_evaluates_images_without_objects(make_config):
+    """eval_teacher on a validation image with no box, without the context object (the R-CNN default)."""
+    cfg, model, images, targets = _setup(make_config, "faster_rcnn")
+    model.eval()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    dets = model.predict_teacher(images, targets)
+    assert len(dets) == len(images) and all(torch.isfinite(d["boxes"]).all() for d in dets)
