@@ -20,9 +20,10 @@ class AdaptationHead(nn.Module):
 
 
 def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """InstanceNorm without affine, as GroupNorm with a group per channel: one kernel, and unlike
-    F.instance_norm it accepts 1x1 maps (small inputs, P7), which it maps to zeros."""
-    return F.group_norm(x, x.shape[1], eps=eps)
+    """InstanceNorm without affine; unlike F.instance_norm and F.group_norm it accepts a single image with
+    1x1 maps (small inputs, P7, one image per DDP worker), which it maps to zeros."""
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, unbiased=False)
+    return (x - mean) * torch.rsqrt(var + eps)
 
 
 def distillation_loss(student: list[torch.Tensor], instructive: list[torch.Tensor]) -> torch.Tensor:

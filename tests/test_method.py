@@ -125,3 +125,10 @@ def test_distillation_loss_is_instance_normalised_and_stops_gradient():
     same = distillation_loss([x * 3 + 1 for x in s], [x * 0.5 - 2 for x in t])
     torch.testing.assert_close(same, loss.detach(), rtol=1e-3, atol=1e-4)
     assert distillation_loss(s, s).item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_distillation_loss_takes_one_image_with_1x1_maps():
+    s = [torch.randn(1, 4, 1, 1, requires_grad=True), torch.randn(1, 4, 2, 3, requires_grad=True)]
+    loss = distillation_loss(s, [torch.randn(1, 4, 1, 1), torch.randn(1, 4, 2, 3)])
+    loss.backward()
+    assert torch.isfinite(loss) and s[1].grad is not None
