@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from lgd.objects import PackedObjects, PyramidLayout
+from lgd.objects import PackedObjects
+from lgd.pyramid import PyramidLayout
 
 
 class AppearanceEncoder(nn.Module):
@@ -18,17 +19,18 @@ class AppearanceEncoder(nn.Module):
                                   nn.ReLU(inplace=True))
         self.pooling = pooling
 
-    def forward(self, features: list[torch.Tensor], masks: torch.Tensor, layout: PyramidLayout,
+    def forward(self, canvas: torch.Tensor, masks: torch.Tensor, layout: PyramidLayout,
                 objs: PackedObjects) -> torch.Tensor:
-        """features: L maps (B, C, h, w); masks (B, N, P) over the concatenated levels. Returns (B, L, N, C)."""
-        projected = [self.proj(f) for f in features]
+        """canvas: the L student maps packed by ``layout`` (B, C, Hc, Wc); masks (B, N, P) over the concatenated
+        levels. Returns (B, L, N, C)."""
+        projected = layout.apply(self.proj, canvas)  # GroupNorm per image and level
         if self.pooling == "mask":
             area = (masks @ layout.onehot.to(masks.dtype)).clamp(min=1.0)  # (B, N, L)
-            pooled = [torch.bmm(m, p.flatten(2).transpose(1, 2))
-                      for m, p in zip(masks.split(layout.numel, dim=-1), projected)]
+            cells = layout.gather(projected).split(layout.numel, dim=-1)
+            pooled = [torch.bmm(m, p.transpose(1, 2)) for m, p in zip(masks.split(layout.numel, dim=-1), cells)]
             out = torch.stack(pooled, dim=1) / area.transpose(1, 2)[..., None]
         else:
-            out = torch.stack([self._roi(p, objs) for p in projected], dim=1)
+            out = torch.stack([self._roi(p, objs) for p in layout.unpack(projected)], dim=1)
         return out * objs.valid[:, None, :, None]
 
     @staticmethod

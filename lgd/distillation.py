@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lgd.pyramid import PyramidLayout
+
 
 class AdaptationHead(nn.Module):
     """FitNet-style adapter on the student features: three conv3x3 with ReLU between, shared over levels."""
@@ -15,19 +17,16 @@ class AdaptationHead(nn.Module):
                                   nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(dim, dim, 3, padding=1))
 
-    def forward(self, x):
-        return self.body(x)
+    def forward(self, canvas: torch.Tensor, layout: PyramidLayout) -> torch.Tensor:
+        """The student's L maps packed by ``layout`` -> adapted maps, same canvas (cells between levels not
+        zeroed: ``distillation_loss`` normalises per level, which zeroes them)."""
+        return layout.apply(self.body, canvas, mask_output=False)
 
 
-def instance_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """InstanceNorm without affine; unlike F.instance_norm and F.group_norm it accepts a single image with
-    1x1 maps (small inputs, P7, one image per DDP worker), which it maps to zeros."""
-    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(var + eps)
-
-
-def distillation_loss(student: list[torch.Tensor], instructive: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_levels ||IN(student) - IN(sg(instructive))||² / total size of the pyramid (Eq. 5)."""
-    s = torch.cat([instance_norm(x).flatten(1) for x in student], dim=1)
-    t = torch.cat([instance_norm(x.detach()).flatten(1) for x in instructive], dim=1)
-    return F.mse_loss(s, t, reduction="mean")
+def distillation_loss(student: torch.Tensor, instructive: torch.Tensor, layout: PyramidLayout) -> torch.Tensor:
+    """Σ_levels ||IN(student) - IN(sg(instructive))||² / total size of the pyramid (Eq. 5); both sides are
+    canvases of ``layout``, InstanceNorm per image, channel and level (a 1x1 map normalises to zeros)."""
+    s = layout.normalize(student, per_channel=True)
+    t = layout.normalize(instructive.detach(), per_channel=True)
+    B, C = s.shape[:2]
+    return F.mse_loss(s, t, reduction="sum") / (B * C * sum(layout.numel))

@@ -77,16 +77,23 @@ class Distiller(nn.Module):
     def _heads(self):
         return self.teacher_heads if self.teacher_heads is not None else self.adapter.heads()
 
-    def instructive(self, features: OrderedDict, images, targets) -> OrderedDict:
-        """The implicit teacher's output at every level, keyed like the student's features."""
-        feats = list(features.values())
+    def _instruct(self, canvas: torch.Tensor, layout, images, targets) -> torch.Tensor:
+        """The implicit teacher on the student's levels packed into one canvas; returns the same canvas shape."""
         targets = [t if len(t["boxes"]) else _stand_in(t) for t in targets]
-        if self.cfg.detach_appearance:
-            feats = [f.detach() for f in feats]
         objs = pack_objects(targets, images.image_sizes, tuple(images.tensors.shape[-2:]), self.cfg.use_context,
                             with_masks=self.cfg.lgd.segm_masks,
                             context_box_per_image=self.cfg.lgd.context_box_per_image)
-        return OrderedDict(zip(features.keys(), self.teacher(feats, objs)))
+        return self.teacher.instruct(canvas.detach() if self.cfg.detach_appearance else canvas, layout, objs)
+
+    def _layout(self, features: OrderedDict):
+        f = next(iter(features.values()))
+        return self.teacher.layout([tuple(x.shape[-2:]) for x in features.values()], f.device)
+
+    def instructive(self, features: OrderedDict, images, targets) -> OrderedDict:
+        """The implicit teacher's output at every level, keyed like the student's features."""
+        layout = self._layout(features)
+        inst = self._instruct(layout.pack(list(features.values())), layout, images, targets)
+        return OrderedDict(zip(features.keys(), layout.unpack(inst)))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict], iteration: int) -> dict[str, torch.Tensor]:
         """Loss terms of one step; the weighted total is ``total_loss(terms)``."""
@@ -97,7 +104,10 @@ class Distiller(nn.Module):
         if not self.lgd:
             return self.adapter.losses(features, images, targets, self.adapter.heads())
         phase = schedule_phase(self.cfg, iteration)
-        inst = self.instructive(features, images, targets)
+        layout = self._layout(features)
+        canvas = layout.pack(list(features.values()))  # teacher and adaptation run once over all levels
+        inst_canvas = self._instruct(canvas, layout, images, targets)
+        inst = OrderedDict(zip(features.keys(), layout.unpack(inst_canvas)))
         if self.teacher_heads is None:  # Eq. 6 through the student's own head: one pass for both
             losses, tea = self.adapter.losses_pair(features, inst, images, targets, self.adapter.heads())
         else:
@@ -105,8 +115,8 @@ class Distiller(nn.Module):
             tea = self.adapter.losses(inst, images, targets, self.teacher_heads)
         losses.update({f"{k}.tea": v for k, v in tea.items()})
         if phase.distill_on:
-            student = [self.adaptation(f.detach() if phase.student_detached else f) for f in features.values()]
-            losses["distill"] = distillation_loss(student, list(inst.values()))
+            student = self.adaptation(canvas.detach() if phase.student_detached else canvas, layout)
+            losses["distill"] = distillation_loss(student, inst_canvas, layout)
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

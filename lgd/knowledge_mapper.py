@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lgd.objects import PackedObjects, PyramidLayout
+from lgd.objects import PackedObjects
+from lgd.pyramid import PyramidLayout
 
 
 def refinement(dim: int) -> nn.Sequential:
@@ -31,22 +32,16 @@ class KnowledgeMapper(nn.Module):
         self.refine = refinement(dim)
 
     def forward(self, inter: torch.Tensor, masks: torch.Tensor, layout: PyramidLayout,
-                objs: PackedObjects) -> list[torch.Tensor]:
-        """inter (B, L, N, C); masks (B, N, P) over the concatenated levels -> L maps (B, C, h, w)."""
+                objs: PackedObjects) -> torch.Tensor:
+        """inter (B, L, N, C); masks (B, N, P) over the concatenated levels -> the L maps as one canvas."""
         B, L, N, C = inter.shape
-        painted = [None] * L
+        x = None
         if self.obj_fc is not None:
             e = (self.obj_fc(inter) * objs.objects[:, None, :, None]).transpose(2, 3)  # (B, L, C, N)
-            painted = [self.paint_conv(torch.bmm(e[:, lvl], m).view(B, C, h, w))
-                       for lvl, (m, (h, w)) in enumerate(zip(masks.split(layout.numel, dim=-1), layout.sizes))]
-        ctx = self.ctx_fc(inter[:, :, 0]) if self.ctx_fc is not None else None  # the context object: slot 0
-        out = []
-        for lvl, (h, w) in enumerate(layout.sizes):
-            if ctx is None:
-                x = painted[lvl]
-            elif painted[lvl] is None:
-                x = ctx[:, lvl, :, None, None].expand(B, C, h, w)
-            else:
-                x = painted[lvl] + ctx[:, lvl, :, None, None]
-            out.append(self.refine(x))
-        return out
+            painted = torch.cat([torch.bmm(e_l, m) for e_l, m in zip(e.unbind(1), masks.split(layout.numel, dim=-1))],
+                                dim=-1)  # (B, C, P)
+            x = layout.mask_between_levels(self.paint_conv(layout.scatter(painted)))
+        if self.ctx_fc is not None:
+            ctx = layout.broadcast(self.ctx_fc(inter[:, :, 0]))  # the context object (slot 0), on its level's cells
+            x = ctx if x is None else x + ctx
+        return layout.apply(self.refine, x)

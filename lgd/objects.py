@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lgd.pyramid import PyramidLayout
+
 
 @dataclass
 class PackedObjects:
@@ -19,6 +21,7 @@ class PackedObjects:
     is_context: torch.Tensor  # (B, N) bool
     pad_size: tuple[int, int]  # (H, W) of the padded input batch
     instance_masks: Optional[torch.Tensor] = None  # (B, N, H, W) uint8 at input resolution, or None
+    empty_images: int = 0  # images with neither an object nor the context object (known without a host sync)
 
     @property
     def objects(self) -> torch.Tensor:
@@ -37,7 +40,7 @@ class PackedObjects:
         """Object masks on one feature level of ``size`` (h, w); (B, N, h*w) float. See ``pyramid_masks``."""
         return self.pyramid_masks(PyramidLayout([size], self.boxes.device), cover_touched_cells)
 
-    def pyramid_masks(self, layout: "PyramidLayout", cover_touched_cells: bool = False) -> torch.Tensor:
+    def pyramid_masks(self, layout: PyramidLayout, cover_touched_cells: bool = False) -> torch.Tensor:
         """Object masks on every level of ``layout`` at once, levels concatenated: (B, N, P) float.
 
         Reference rule: the box, scaled per axis by the level's size over the padded input's, marks cell
@@ -68,23 +71,6 @@ class PackedObjects:
         return (inside & self.valid[..., None]).to(dt)
 
 
-class PyramidLayout:
-    """The cells of a feature pyramid, levels concatenated: per cell its level and its (column, row) index."""
-
-    def __init__(self, sizes: list[tuple[int, int]], device: torch.device):
-        self.sizes = [tuple(int(v) for v in s) for s in sizes]
-        self.numel = [h * w for h, w in self.sizes]
-        level, index = [], []
-        for lvl, (h, w) in enumerate(self.sizes):
-            rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-            index.append(torch.stack([cols.flatten(), rows.flatten()], 1))
-            level.append(torch.full((h * w,), lvl, device=device, dtype=torch.long))
-        self.level = torch.cat(level)  # (P,)
-        self.index = torch.cat(index)  # (P, 2): column, row
-        self.scale = torch.tensor([[w, h, w, h] for h, w in self.sizes], device=device, dtype=torch.float32)
-        self.onehot = F.one_hot(self.level, len(self.sizes)).float()  # (P, L)
-
-
 def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_size: tuple[int, int],
                  use_context: bool, with_masks: bool = False, context_box_per_image: bool = False) -> PackedObjects:
     """Pack per-image targets (after the detector's resize) into padded tensors, context object in slot 0.
@@ -93,12 +79,13 @@ def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_si
     object's box is the whole padded batch; ``context_box_per_image`` makes it each image's own extent.
     """
     device = targets[0]["boxes"].device
-    counts = torch.tensor([len(t["boxes"]) for t in targets], device=device)
+    lens = [len(t["boxes"]) for t in targets]  # shapes: known on the host, no sync
+    counts = torch.tensor(lens, device=device)
     boxes = torch.cat([t["boxes"] for t in targets])
     labels = torch.cat([t["labels"] for t in targets])
     B, ctx = len(targets), int(use_context)
-    N = int(counts.max()) + ctx if len(counts) else ctx
-    img = torch.repeat_interleave(torch.arange(B, device=device), counts)
+    N = max(lens, default=0) + ctx
+    img = torch.repeat_interleave(torch.arange(B, device=device), counts, output_size=sum(lens))
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(boxes), device=device) - starts[img] + ctx
     P = torch.zeros(B, N, 4, device=device, dtype=boxes.dtype)
@@ -122,4 +109,4 @@ def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_si
                           for t in targets])
         masks = torch.zeros(B, N, H, W, dtype=torch.uint8, device=device)
         masks[img, slot] = flat
-    return PackedObjects(P, L, V, C, (H, W), masks)
+    return PackedObjects(P, L, V, C, (H, W), masks, empty_images=0 if use_context else lens.count(0))

@@ -7,7 +7,8 @@ from torch import nn
 from lgd.appearance import AppearanceEncoder
 from lgd.knowledge_mapper import KnowledgeMapper
 from lgd.label_encoder import build_label_encoder
-from lgd.objects import PackedObjects, PyramidLayout
+from lgd.objects import PackedObjects
+from lgd.pyramid import PyramidLayout
 from lgd.relation_adapter import RelationAdapter
 
 
@@ -63,17 +64,22 @@ class ImplicitTeacher(nn.Module):
         self.knowledge_mapper = KnowledgeMapper(dim, mapper_inputs)
 
     def forward(self, features: list[torch.Tensor], objs: PackedObjects) -> list[torch.Tensor]:
-        if not bool(objs.valid.any(dim=1).all()):
+        """Student maps (B, C, h, w) per level -> instructive maps per level."""
+        layout = self.layout([tuple(f.shape[-2:]) for f in features], features[0].device)
+        return layout.unpack(self.instruct(layout.pack(features), layout, objs))
+
+    def instruct(self, canvas: torch.Tensor, layout: PyramidLayout, objs: PackedObjects) -> torch.Tensor:
+        """The same on the levels packed into ``layout``'s canvas (what the training step uses)."""
+        if objs.empty_images:
             raise ValueError("LGD needs at least one object (or the context object) in every training image")
-        layout = self._layout([tuple(f.shape[-2:]) for f in features], features[0].device)
         masks = objs.pyramid_masks(layout, self.masks_cover_touched_cells)  # once, for pooling and painting
         label = self.label_encoder(objs.descriptors(self.num_classes), objs.valid)
-        appearance = self.appearance_encoder(features, masks, layout, objs)
+        appearance = self.appearance_encoder(canvas, masks, layout, objs)
         inter = self.relation_adapter(label, appearance, objs.valid)
         return self.knowledge_mapper(inter, masks, layout, objs)
 
-    def _layout(self, sizes: list[tuple[int, int]], device: torch.device) -> PyramidLayout:
-        """The pyramid's cell indices, built once per input size (a handful of sizes in a run)."""
+    def layout(self, sizes: list[tuple[int, int]], device: torch.device) -> PyramidLayout:
+        """The pyramid's cells and canvas, built once per input size (a handful of sizes in a run)."""
         key = (tuple(sizes), str(device))
         if key not in self._layouts:
             self._layouts[key] = PyramidLayout(sizes, device)

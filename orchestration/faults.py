@@ -1,11 +1,13 @@
 """What ended a trial's attempt: a lost worker (retried from the last checkpoint while failures are left) or a
-final fault (no progress, resources never given); and the controller-side watchdog that turns a trial
-without progress into such a fault."""
+final fault (no progress, resources never given, an error of the trial's own that a retry repeats); and the
+controller-side watchdog that turns a trial without progress into such a fault."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import torch
+from ray.exceptions import RayError
 from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
 from ray.train.v2._internal.exceptions import (
     InsufficientClusterResourcesError,
@@ -13,6 +15,12 @@ from ray.train.v2._internal.exceptions import (
     WorkerGroupStartupTimeoutError,
 )
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+
+# Raised by the trial's own code or configuration: the same on every attempt, so retrying only spends time. A
+# lost worker shows as a Ray error (actor or node died) on its rank (its peers then raise torch.distributed errors, retried).
+REPEATS_ON_RETRY = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, NameError,
+                    NotImplementedError, ZeroDivisionError, ImportError, torch.OutOfMemoryError)
 
 
 class NoProgress(RuntimeError):
@@ -51,8 +59,16 @@ def classify(error: TrainingFailedError, timeout_s: float) -> Fault:
         return Fault(f"worker lost while the controller started or polled it: {_line(inner)}")
     if isinstance(error, WorkerGroupError):
         ranks = sorted(error.worker_failures)
-        first = error.worker_failures[ranks[0]] if ranks else error
-        first = getattr(first, "health_check_failure", first)  # a dead worker's poll carries the actor error
+        # a dead worker's poll carries the actor error
+        failures = {r: getattr(f, "health_check_failure", f) for r, f in error.worker_failures.items()}
+        first = failures[ranks[0]] if ranks else error
+        own = [r for r in ranks if isinstance(failures[r], REPEATS_ON_RETRY)]
+        if own and not any(isinstance(f, RayError) for f in failures.values()):
+            e = failures[own[0]]
+            hint = " (out of GPU memory: fewer images per worker, solver.amp, or a smaller input)" \
+                if isinstance(e, torch.OutOfMemoryError) else ""
+            return Fault(f"worker rank {', '.join(map(str, own))} raised {_line(e)}{hint}; not retried: the "
+                         "trial's own error comes back on every attempt", final=True)
         return Fault(f"worker rank {', '.join(map(str, ranks))} lost: {_line(first)}")
     return Fault(_line(error))
 

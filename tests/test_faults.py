@@ -123,3 +123,23 @@ def test_killed_driver_resumes_without_rerunning_finished_cells(tmp_path):
     third = run_grid(grid, out)
     assert third.returncode == 0 and "2 already finished in MLflow, 0 to run" in third.stdout
     assert len(_trial_runs(out, "driverloss")[1]) == 2
+
+
+def test_the_trials_own_error_is_final_a_lost_worker_is_retried():
+    """Ray Train's WorkerGroupError as its poll builds it: rank -> the exception of that worker."""
+    import torch
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+
+    from orchestration.faults import classify
+
+    own = classify(WorkerGroupError("x", {0: ValueError("lgd.num_heads must divide fpn_channels")}), 60)
+    assert own.final and "ValueError: lgd.num_heads" in own.cause and "rank 0" in own.cause
+    # its peer's collective failing alongside does not make it a lost worker
+    both = classify(WorkerGroupError("x", {0: KeyError("boxes"), 1: RuntimeError("NCCL communicator aborted")}), 60)
+    assert both.final and "rank 0 raised" in both.cause
+    oom = classify(WorkerGroupError("x", {1: torch.OutOfMemoryError("CUDA out of memory")}), 60)
+    assert oom.final and "out of GPU memory" in oom.cause
+    lost = classify(WorkerGroupError("x", {0: ActorDiedError(), 1: ValueError("peer gone")}), 60)
+    assert not lost.final and "lost" in lost.cause
+    assert not classify(WorkerGroupError("x", {0: RuntimeError("connection reset by peer")}), 60).final

@@ -1,11 +1,13 @@
 """The LGD modules of §3: per-image isolation, permutation, pooling, context, gradients of Eq. 5-7."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgd.appearance import AppearanceEncoder
 from lgd.distillation import distillation_loss
 from lgd.label_encoder import build_label_encoder
-from lgd.objects import PyramidLayout, pack_objects
+from lgd.objects import pack_objects
+from lgd.pyramid import PyramidLayout
 from lgd.relation_adapter import RelationAdapter
 
 K = 3
@@ -81,7 +83,7 @@ def test_mask_pooling_equals_hand_computed_mean():
     p = pack_objects(t, [(64, 64)], (64, 64), use_context=True)
     f = torch.randn(1, 8, 8, 8)
     layout = PyramidLayout([(8, 8)], f.device)
-    emb = enc([f], p.pyramid_masks(layout), layout, p)
+    emb = enc(layout.pack([f]), p.pyramid_masks(layout), layout, p)
     proj = enc.proj(f)
     # stride 8: x 1..3, y 1..5 -> the cells with 1 <= column <= 3 and 1 <= row <= 5
     torch.testing.assert_close(emb[0, 0, 1], proj[0, :, 1:6, 1:4].mean(dim=(1, 2)))
@@ -116,19 +118,28 @@ def test_relation_adapter_attends_within_each_image_only():
 
 
 def test_distillation_loss_is_instance_normalised_and_stops_gradient():
+    layout = PyramidLayout([(8, 8), (1, 1)], torch.device("cpu"))
     s = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 1, 1, requires_grad=True)]
     t = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 1, 1, requires_grad=True)]
-    loss = distillation_loss(s, t)
+
+    def loss_of(s, t):
+        return distillation_loss(layout.pack(s), layout.pack(t), layout)
+
+    loss = loss_of(s, t)
     loss.backward()
     assert t[0].grad is None and t[1].grad is None and s[0].grad is not None
+    # Eq. 5 by hand: InstanceNorm per level, squared differences summed over the pyramid / its size
+    ref = sum(((F.instance_norm(a) - F.instance_norm(b)) ** 2).sum() for a, b in zip(s[:1], t[:1])) / (2 * 4 * 65)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
     # invariant to per-channel affine changes of either side (InstanceNorm on both)
-    same = distillation_loss([x * 3 + 1 for x in s], [x * 0.5 - 2 for x in t])
+    same = loss_of([x * 3 + 1 for x in s], [x * 0.5 - 2 for x in t])
     torch.testing.assert_close(same, loss.detach(), rtol=1e-3, atol=1e-4)
-    assert distillation_loss(s, s).item() == pytest.approx(0.0, abs=1e-8)
+    assert loss_of(s, s).item() == pytest.approx(0.0, abs=1e-8)
 
 
 def test_distillation_loss_takes_one_image_with_1x1_maps():
-    s = [torch.randn(1, 4, 1, 1, requires_grad=True), torch.randn(1, 4, 2, 3, requires_grad=True)]
-    loss = distillation_loss(s, [torch.randn(1, 4, 1, 1), torch.randn(1, 4, 2, 3)])
+    layout = PyramidLayout([(2, 3), (1, 1)], torch.device("cpu"))
+    s = [torch.randn(1, 4, 2, 3, requires_grad=True), torch.randn(1, 4, 1, 1, requires_grad=True)]
+    loss = distillation_loss(layout.pack(s), layout.pack([torch.randn(1, 4, 2, 3), torch.randn(1, 4, 1, 1)]), layout)
     loss.backward()
-    assert torch.isfinite(loss) and s[1].grad is not None
+    assert torch.isfinite(loss) and s[0].grad is not None
