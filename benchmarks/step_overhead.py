@@ -1,11 +1,14 @@
 """Training-step cost of LGD relative to the plain detector, measured on identical batches in one run.
 
     python benchmarks/step_overhead.py [--size 800] [--backbone resnet50] [--device cuda] [--steps 10]
+    python benchmarks/step_overhead.py --detectors atss,poto            # Table 14's students
+    python benchmarks/step_overhead.py --backbone swin_t --optimizer adamw --detectors retinanet,mask_rcnn  # Table 13
 
 One line per detector: step time, arithmetic (FLOPs, forward + backward, counted by
 ``torch.utils.flop_counter``), ops dispatched per step (every aten op, views included, counted by a
-``TorchDispatchMode``: what a launch-bound GPU pays for) and peak memory of baseline and LGD, and their
-ratios (LGD / baseline) as ``time N.NNx  flops N.NNx  ops N.NNx  memory N.NNx``.
+``TorchDispatchMode``: what a host-bound step pays for; ``kernels`` counts those that are not views, what a
+launch-bound GPU pays for) and peak memory of baseline and LGD, and their ratios (LGD / baseline) as
+``time N.NNx  flops N.NNx  ops N.NNx  kernels N.NNx  memory N.NNx``.
 The paper's Table 7 implies 1.94x the baseline's training time; the targets are in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -28,14 +31,16 @@ from timing import device_name, seconds_per_call
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active (forward, backward and optimizer step)."""
+    """Counts every aten op dispatched while active (forward, backward and optimizer step), and among them
+    the kernels: the ops that are not views (a view, e.g. detach/transpose/select, launches nothing)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.kernels += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -70,12 +75,13 @@ def _measure(detector: str, lgd: bool, args, device) -> dict:
         "detector": detector, "backbone": args.backbone, "fpn_channels": args.channels,
         "input": {"min_size": args.size, "max_size": int(args.size * 1.67)},
         "lgd": {"enabled": lgd, "segm_masks": lgd and detector == "mask_rcnn"},
-        "solver": {"iter_scale": 1.0, "base_lr": 1e-4, "warmup_iters": 0, "amp": args.amp},
+        "solver": {"iter_scale": 1.0, "base_lr": 1e-4, "warmup_iters": 0, "amp": args.amp,
+                   "optimizer": args.optimizer},
         "channels_last": args.channels_last, "device": device.type})
     torch.manual_seed(0)
     model = build_model(cfg, args.classes).to(device)
     model.train()
-    opt, _ = build_optimizer(cfg, model)  # the engine's own optimizer (SGD, foreach)
+    opt, _ = build_optimizer(cfg, model)  # the engine's own optimizer (SGD or AdamW, foreach)
     images, targets = _batch(args.batch, args.size, args.classes, device, detector == "mask_rcnn")
     it = cfg.solver.scaled(cfg.lgd.distill_start) + 1  # full LGD: distillation on, student attached
     step = TrainingStep(model, model, opt, cfg, device)
@@ -91,7 +97,8 @@ def _measure(detector: str, lgd: bool, args, device) -> dict:
     flops = FlopCounterMode(display=False)
     with flops:
         step_once()
-    return {"time": seconds, "memory": memory, "ops": ops.count, "flops": flops.get_total_flops()}
+    return {"time": seconds, "memory": memory, "ops": ops.count, "kernels": ops.kernels,
+            "flops": flops.get_total_flops()}
 
 
 def main() -> None:
@@ -105,13 +112,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--detectors", default="retinanet,fcos,faster_rcnn,mask_rcnn")
+    p.add_argument("--detectors", default="retinanet,fcos,faster_rcnn,mask_rcnn",
+                   help="any of retinanet, fcos, faster_rcnn, mask_rcnn, atss, poto")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="solver.optimizer of both configs")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="solver.amp of both configs")
     p.add_argument("--channels-last", action="store_true", help="channels_last of both configs")
     args = p.parse_args()
     device = torch.device(args.device)
     name = device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads per measurement)"
-    print(f"# {name}, {args.backbone}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
+    print(f"# {name}, {args.backbone}, {args.optimizer}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
           f"{args.steps} timed steps; memory: {'peak CUDA allocation' if device.type == 'cuda' else 'process max RSS'}")
     for det in args.detectors.split(","):
         b = measure(det, False, args, device)
@@ -120,7 +129,7 @@ def main() -> None:
               f"GFLOP {b['flops'] / 1e9:7.1f} -> {m['flops'] / 1e9:7.1f}  ops {b['ops']:6d} -> {m['ops']:6d}  "
               f"memory {b['memory']:7.0f} MB -> {m['memory']:7.0f} MB   "
               f"time {m['time'] / b['time']:.2f}x  flops {m['flops'] / b['flops']:.2f}x  ops {m['ops'] / b['ops']:.2f}x  "
-              f"memory {m['memory'] / b['memory']:.2f}x", flush=True)
+              f"kernels {m['kernels'] / b['kernels']:.2f}x  memory {m['memory'] / b['memory']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ResNet / ResNeXt (+ modulated deformable conv v2 in c3-c5, "DCN") with FPN, as in §4.1."""
+"""ResNet / ResNeXt (+ modulated deformable conv v2 in c3-c5, "DCN") with FPN, as in §4.1; Swin-T in backbones_swin."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,31 +42,44 @@ def _add_dcn(body: resnet.ResNet) -> None:
             setattr(block, name, ModulatedDeformConv(getattr(block, name)))
 
 
-def _load_weights(arch: str, weights: str | None) -> tuple[resnet.ResNet, bool]:
-    builder = getattr(resnet, arch)
-    if weights is None:
-        return builder(weights=None), False
-    norm = misc_nn_ops.FrozenBatchNorm2d
+def load_classifier_weights(builder, enum, weights: str, arch: str, classifier: str, **kwargs) -> nn.Module:
+    """An ImageNet classifier built by ``builder`` with ``weights``: a state_dict file (its ``classifier.*``
+    keys may be absent) or a name of the torchvision weights ``enum``."""
     if Path(weights).exists():
-        model = builder(weights=None, norm_layer=norm)
+        model = builder(weights=None, **kwargs)
         state = torch.load(weights, map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith("fc.")]
-        if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        unexpected = [k for k in unexpected if not k.startswith(classifier)]
+        if unexpected or [k for k in missing if not k.startswith(classifier)]:
             raise ValueError(f"{weights}: not a {arch} state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model, True
-    enum = resnet.__dict__[{"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights",
-                            "resnet101": "ResNet101_Weights", "resnext101_32x8d": "ResNeXt101_32X8D_Weights"}[arch]]
+        return model
     try:
         w = enum[weights]
     except KeyError:
         raise ValueError(f"weights {weights!r}: neither an existing file nor one of {[m.name for m in enum]}") from None
-    return builder(weights=w, norm_layer=norm), True
+    return builder(weights=w, **kwargs)
 
 
-def build_backbone(name: str, weights: str | None, detector: str, channels: int = 256) -> BackboneWithFPN:
-    """ResNet-FPN for ``detector``: P3-P7 for RetinaNet/FCOS, P2-P6 for the R-CNNs (as torchvision)."""
+def _load_weights(arch: str, weights: str | None) -> tuple[resnet.ResNet, bool]:
+    builder = getattr(resnet, arch)
+    if weights is None:
+        return builder(weights=None), False
+    enum = resnet.__dict__[{"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights",
+                            "resnet101": "ResNet101_Weights", "resnext101_32x8d": "ResNeXt101_32X8D_Weights"}[arch]]
+    return load_classifier_weights(builder, enum, weights, arch, "fc.", norm_layer=misc_nn_ops.FrozenBatchNorm2d), True
+
+
+RCNN_DETECTORS = ("faster_rcnn", "mask_rcnn")  # P2-P6; the dense detectors take P3-P7
+
+
+def build_backbone(name: str, weights: str | None, detector: str, channels: int = 256) -> nn.Module:
+    """ResNet-FPN (or Swin-T-FPN) for ``detector``: P3-P7 for the dense detectors (RetinaNet, FCOS, ATSS, POTO),
+    P2-P6 for the R-CNNs (as torchvision)."""
+    if name == "swin_t":
+        from lgd.backbones_swin import build_swin_backbone
+
+        return build_swin_backbone(weights, detector in RCNN_DETECTORS, channels)
     dcn = name.endswith("_dcn")
     arch = name[: -len("_dcn")] if dcn else name
     if arch not in _ARCHS:
@@ -79,10 +92,10 @@ def build_backbone(name: str, weights: str | None, detector: str, channels: int 
     for pname, p in body.named_parameters():
         if not any(pname.startswith(t) for t in trainable):
             p.requires_grad_(False)
-    if detector in ("retinanet", "fcos"):
-        returned, extra = [2, 3, 4], LastLevelP6P7(channels, channels)
-    else:
+    if detector in RCNN_DETECTORS:
         returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
+    else:
+        returned, extra = [2, 3, 4], LastLevelP6P7(channels, channels)
     c2 = body.inplanes // 8  # 64 for BasicBlock, 256 for Bottleneck
     in_channels = [c2 * 2 ** (i - 1) for i in returned]
     return BackboneWithFPN(body, {f"layer{k}": str(v) for v, k in enumerate(returned)}, in_channels, channels,

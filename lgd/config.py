@@ -11,10 +11,10 @@ import yaml
 
 from lgd.typed import ConfigError, build, deep_merge, load_yaml, set_dotted, to_dict
 
-DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "atss", "poto")
 BACKBONES = (
     "resnet18", "resnet50", "resnet101", "resnext101_32x8d",
-    "resnet18_dcn", "resnet50_dcn", "resnet101_dcn", "resnext101_32x8d_dcn",
+    "resnet18_dcn", "resnet50_dcn", "resnet101_dcn", "resnext101_32x8d_dcn", "swin_t",
 )
 # §4.1: 1x = 90k iterations, lr /10 at 60k and 80k; 2x = 180k (120k, 160k); 3x = 270k (210k, 250k).
 SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000)), "3x": (270_000, (210_000, 250_000))}
@@ -22,23 +22,25 @@ SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000
 DETECTOR_DEFAULTS = {
     "retinanet": {"use_context": True, "detach_appearance": False},
     "fcos": {"use_context": True, "detach_appearance": False},
+    "atss": {"use_context": True, "detach_appearance": False},  # the dense detectors' settings
+    "poto": {"use_context": True, "detach_appearance": False},
     "faster_rcnn": {"use_context": False, "detach_appearance": True},
     "mask_rcnn": {"use_context": False, "detach_appearance": True},
 }
 
 
 def detector_option_problems(detector: str, options: dict) -> list[tuple[str, str]]:
-    """Keys of ``detector_options`` that the torchvision constructor of ``detector`` does not take."""
+    """Keys of ``detector_options`` that the (torchvision or lgd) constructor of ``detector`` does not take."""
     if not options:  # nothing to check: no torch/torchvision import (the report's path stays light)
         return []
     import inspect
 
-    from lgd.detectors.adapters import MODEL_CLASSES
+    from lgd.detectors.registry import MODEL_CLASSES
 
     cls = MODEL_CLASSES[detector]
     taken_by_us = {"self", "backbone", "num_classes", "min_size", "max_size", "kwargs"}
     # Mask R-CNN passes its **kwargs on to Faster R-CNN: both signatures count
-    allowed = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith("torchvision")
+    allowed = {p for c in cls.__mro__ if "__init__" in vars(c) and c.__module__.startswith(("torchvision", "lgd."))
                for p in inspect.signature(c.__init__).parameters} - taken_by_us
     return [(k, f"{cls.__name__} takes no option {k!r}") for k in options if k not in allowed]
 
@@ -63,10 +65,17 @@ class SyntheticData:
 
 @dataclass
 class DataConfig:
-    """COCO-format train/val sets (image folder + instances JSON each), or a synthetic set.
+    """The train/val sets by ``format``: ``coco`` (image folder + instances JSON each), ``voc`` (a VOCdevkit folder
+    as ``root``: ``train_sets``/``val_sets`` name <folder>/<ImageSets/Main list>, default the paper's 07+12
+    trainval / 07 test) or ``crowdhuman`` (``root`` holding Images/ and annotation_{train,val}.odgt); or, in any
+    format, a synthetic set (written in that format).
 
     ``name`` identifies the dataset in the trial's digest; the paths do not, so data can move."""
     name: str = ""
+    format: Literal["coco", "voc", "crowdhuman"] = "coco"
+    root: Optional[str] = None  # voc, crowdhuman
+    train_sets: Optional[list[str]] = None  # voc; None: VOC2007/trainval, VOC2012/trainval
+    val_sets: Optional[list[str]] = None  # voc; None: VOC2007/test
     train_images: Optional[str] = None
     train_annotations: Optional[str] = None
     val_images: Optional[str] = None
@@ -80,10 +89,34 @@ class DataConfig:
 
     def check(self):
         paths = [self.train_images, self.train_annotations, self.val_images, self.val_annotations]
-        if self.synthetic is None and any(p is None for p in paths):
-            yield "", "give either 'synthetic' or all of train_images, train_annotations, val_images, val_annotations"
-        if self.synthetic is not None and any(p is not None for p in paths):
-            yield "", "'synthetic' and dataset paths are mutually exclusive"
+        if self.format == "coco":
+            if self.root is not None:
+                yield "root", ("format coco takes train_images, train_annotations, val_images, val_annotations; "
+                               "'root' is for format voc or crowdhuman")
+            if self.synthetic is None and any(p is None for p in paths):
+                yield "", ("give either 'synthetic' or all of train_images, train_annotations, val_images, "
+                           "val_annotations")
+            if self.synthetic is not None and any(p is not None for p in paths):
+                yield "", "'synthetic' and dataset paths are mutually exclusive"
+        else:
+            layout = "a VOCdevkit folder" if self.format == "voc" else "the folder of Images/ and annotation_*.odgt"
+            given = [k for k in ("train_images", "train_annotations", "val_images", "val_annotations")
+                     if getattr(self, k) is not None]
+            if given:
+                yield given[0], (f"format {self.format} reads its own layout under 'root' ({layout}): "
+                                 f"drop {', '.join(given)}")
+            if (self.root is None) == (self.synthetic is None):
+                yield "", f"format {self.format}: give either 'root' ({layout}) or 'synthetic'"
+        for key in ("train_sets", "val_sets"):
+            sets = getattr(self, key)
+            if sets is not None and self.format != "voc":
+                yield key, "only format voc has image sets"
+            elif sets is not None and not sets:
+                yield key, "list at least one image set, e.g. VOC2007/trainval"
+            for s in sets or ():
+                if not s.strip("/").count("/") == 1:
+                    yield key, (f"{s!r}: expected <folder>/<split> (a list under <folder>/ImageSets/Main), "
+                                f"e.g. VOC2007/test")
         if self.max_objects_per_image < 1:
             yield "max_objects_per_image", "must be >= 1"
         if self.loader_workers is not None and self.loader_workers < 0:
@@ -111,16 +144,32 @@ class InputConfig:
         return tuple(int(round(self.min_size * f)) for f in (0.8, 0.84, 0.88, 0.92, 0.96, 1.0))
 
 
+# Learning rate and weight decay of each optimizer where a config leaves them out: SGD as §4.1; AdamW as the
+# Swin-T students' detection recipe (the reference configs of Table 13: lr 1e-4, weight decay 0.05).
+OPTIMIZER_DEFAULTS = {"sgd": {"base_lr": 0.01, "weight_decay": 1e-4}, "adamw": {"base_lr": 1e-4, "weight_decay": 0.05}}
+
+
+def _optimizer_settings(opt) -> dict:
+    """lr, weight decay (None: ``OPTIMIZER_DEFAULTS`` of ``opt.optimizer``) and momentum of a solver section."""
+    d = OPTIMIZER_DEFAULTS[opt.optimizer]
+    return {"optimizer": opt.optimizer, "momentum": opt.momentum,
+            "base_lr": d["base_lr"] if opt.base_lr is None else opt.base_lr,
+            "weight_decay": d["weight_decay"] if opt.weight_decay is None else opt.weight_decay}
+
+
 @dataclass
 class SolverConfig:
-    """SGD with linear warm-up and step decay (§4.1). Iteration counts are in the paper's units and are
-    multiplied by ``iter_scale`` (also the LGD schedule's), so a grid can keep the paper's numbers."""
+    """SGD or AdamW with linear warm-up and step decay (§4.1). Iteration counts are in the paper's units and
+    are multiplied by ``iter_scale`` (also the LGD schedule's), so a grid can keep the paper's numbers.
+    ``base_lr``/``weight_decay`` left out: the optimizer's own (``OPTIMIZER_DEFAULTS``); ``momentum``: SGD's
+    momentum, AdamW's beta1."""
     schedule: Literal["1x", "2x", "3x"] = "1x"
     iter_scale: float = 1.0
     ims_per_batch: int = 16
-    base_lr: float = 0.01
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    base_lr: Optional[float] = None
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: Optional[float] = None
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     gamma: float = 0.1
@@ -133,12 +182,13 @@ class SolverConfig:
             yield "iter_scale", "must be in (0, 10]"
         if self.ims_per_batch < 1:
             yield "ims_per_batch", "must be >= 1"
-        if self.base_lr <= 0:
-            yield "base_lr", "must be > 0"
-        if self.weight_decay < 0:
-            yield "weight_decay", "must be >= 0"
+        yield from _check_optimizer(self)
         if self.checkpoint_period < 1:
             yield "checkpoint_period", "must be >= 1"
+
+    def settings(self) -> dict:
+        """optimizer, base_lr, momentum, weight_decay with the optimizer's defaults filled in."""
+        return _optimizer_settings(self)
 
     def scaled(self, iters: int) -> int:
         return int(round(iters * self.iter_scale))
@@ -152,12 +202,29 @@ class SolverConfig:
         return tuple(self.scaled(m) for m in SCHEDULES[self.schedule][1])
 
 
+def _check_optimizer(opt):
+    if opt.base_lr is not None and opt.base_lr <= 0:
+        yield "base_lr", "must be > 0"
+    if opt.weight_decay is not None and opt.weight_decay < 0:
+        yield "weight_decay", "must be >= 0"
+    if not 0 <= opt.momentum < 1:
+        yield "momentum", "must be in [0, 1)"
+
+
 @dataclass
 class TeacherOptimizer:
-    """Optimizer settings of the implicit teacher's modules (official configs: like the student's)."""
-    base_lr: float = 0.01
+    """Optimizer settings of the implicit teacher's modules (official configs: like the student's; the Swin-T
+    Mask R-CNN's: SGD for the teacher, AdamW for the student). Left out: as ``SolverConfig``."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    base_lr: Optional[float] = None
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: Optional[float] = None
+
+    def check(self):
+        yield from _check_optimizer(self)
+
+    def settings(self) -> dict:
+        return _optimizer_settings(self)
 
 
 @dataclass
@@ -197,7 +264,7 @@ class LGDConfig:
 @dataclass
 class TrainConfig:
     """One trial: what `python -m lgd.train` and each Ray Train worker run."""
-    detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn"] = "retinanet"
+    detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn", "atss", "poto"] = "retinanet"
     backbone: str = "resnet50"
     weights: Optional[str] = None  # backbone weights: a state_dict path or a torchvision enum name
     fpn_channels: int = 256  # FPN width = LGD embedding width (paper: 256; small values for CPU tests)
@@ -224,6 +291,8 @@ class TrainConfig:
             yield f"detector_options.{key}", msg
         if self.log_period < 1:
             yield "log_period", "must be >= 1"
+        if self.detector == "mask_rcnn" and self.data.format != "coco":
+            yield "detector", f"mask_rcnn needs instance masks, which data.format {self.data.format} does not have"
         if self.lgd.segm_masks and self.detector != "mask_rcnn":
             yield "lgd.segm_masks", "instance-mask pooling needs detector: mask_rcnn"
         if self.lgd.mapper_inputs in ("context", "both") and not self.use_context:
@@ -259,9 +328,19 @@ class TrainConfig:
         if not self.lgd.enabled:  # a baseline: no LGD setting changes what it trains
             d["lgd"] = {"enabled": False}
         for k in ("loader_workers", "max_unreadable_fraction", "train_images", "train_annotations", "val_images",
-                  "val_annotations"):
+                  "val_annotations", "root"):
             d["data"].pop(k)
+        for k, default in (("format", "coco"), ("train_sets", None), ("val_sets", None)):
+            if d["data"][k] == default:  # as before these keys existed: the digests of COCO trials stay the same
+                d["data"].pop(k)
         d["solver"].pop("checkpoint_period")
+        # a left-out lr or decay is the optimizer's default (the same trial as one giving it); SGD, as before
+        # the optimizer key existed: the digests of SGD trials stay the same
+        sections = [d["solver"]] + ([d["lgd"]["optimizer"]] if self.lgd.enabled else [])
+        for section, opt in zip(sections, (self.solver, self.lgd.optimizer)):
+            section.update(opt.settings())
+            if section["optimizer"] == "sgd":
+                section.pop("optimizer")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -11,7 +11,6 @@ import math
 import os
 import random
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -22,8 +21,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lgd.config import TrainConfig
-from lgd.data.coco import CocoDetection, DataError, UnreadableImages, collate_checked, load_datasets
-from lgd.data.synthetic import ensure_synthetic
+from lgd.data.coco import CocoDetection, DataError, UnreadableImages, collate_checked
+from lgd.data.formats import load_splits
 from lgd.detectors import build_detector
 from lgd.distiller import Distiller, schedule_phase
 from lgd.evaluation import evaluate
@@ -58,17 +57,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
-    d = cfg.data
-    if d.synthetic is not None:
-        s = d.synthetic
-        cache = os.environ.get("LGD_DATA_CACHE", os.path.join(tempfile.gettempdir(), "lgd-synthetic"))
-        paths = ensure_synthetic(cache, s.num_train, s.num_val, s.image_size, s.num_classes, s.max_objects, s.seed)
-    else:
-        paths = {"train_images": d.train_images, "train_annotations": d.train_annotations,
-                 "val_images": d.val_images, "val_annotations": d.val_annotations}
-    return load_datasets(paths["train_images"], paths["train_annotations"], paths["val_images"],
-                         paths["val_annotations"], with_masks=cfg.detector == "mask_rcnn",
-                         max_objects=d.max_objects_per_image)
+    """The train/val splits by ``data.format`` (lgd.data.formats: each reader checks its split first)."""
+    return load_splits(cfg.data, with_masks=cfg.detector == "mask_rcnn")
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> Distiller:
@@ -78,16 +68,50 @@ def build_model(cfg: TrainConfig, num_classes: int) -> Distiller:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
+class JointOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one (the student's AdamW and the teacher's SGD, say): their param groups
+    are this optimizer's (shared dicts, so the LR schedule and the grad scaler reach every one)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        super().__init__([g for o in optimizers for g in o.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for o, s in zip(self.optimizers, state_dict["optimizers"]):
+            o.load_state_dict(s)
+
+
+def _torch_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """foreach: one kernel per op for all parameters (SGD, and AdamW's betas (momentum, 0.999), eps 1e-8)."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], foreach=True)
+    for g in groups:
+        g["betas"] = (g.pop("momentum"), 0.999)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], foreach=True)
+
+
 def build_optimizer(cfg: TrainConfig, model: Distiller):
-    """SGD (§4.1) with the teacher modules in their own group; warm-up + step decay for both."""
+    """SGD (§4.1) or AdamW (``solver.optimizer``; the teacher's ``lgd.optimizer.optimizer``), the teacher modules
+    in their own group; warm-up + step decay for both. Weight decay on every parameter, as with SGD."""
     teacher = {id(p) for p in model.teacher_parameters()}
     student = [p for p in model.parameters() if p.requires_grad and id(p) not in teacher]
-    s, t = cfg.solver, cfg.lgd.optimizer
-    groups = [{"params": student, "lr": s.base_lr, "momentum": s.momentum, "weight_decay": s.weight_decay}]
-    if teacher:
-        groups.append({"params": model.teacher_parameters(), "lr": t.base_lr, "momentum": t.momentum,
-                       "weight_decay": t.weight_decay})
-    opt = torch.optim.SGD(groups, lr=s.base_lr, foreach=True)  # one kernel per op for all parameters
+    s = cfg.solver
+    sections = [(student, s.settings())] + ([(model.teacher_parameters(), cfg.lgd.optimizer.settings())] if teacher
+                                            else [])
+    by_kind: dict[str, list[dict]] = {}
+    for params, o in sections:
+        by_kind.setdefault(o["optimizer"], []).append(
+            {"params": params, "lr": o["base_lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]})
+    opts = [_torch_optimizer(kind, groups) for kind, groups in by_kind.items()]
+    opt = opts[0] if len(opts) == 1 else JointOptimizer(opts)
     warmup, milestones = s.scaled(s.warmup_iters), s.milestones
 
     def factor(it: int) -> float:
@@ -306,7 +330,8 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
             tea = evaluate(model.predict_teacher, val_ds, device, max_images=cfg.max_eval_images,
                            with_masks=with_masks, max_unreadable_fraction=cfg.data.max_unreadable_fraction)
             metrics.update({f"teacher/{k}": v for k, v in tea.items()})
-        log.info("evaluation: %s", {k: round(v, 2) for k, v in metrics.items() if "/AP" in k})
+        log.info("evaluation: %s", {k: round(v, 2) for k, v in metrics.items()  # the means, not per class
+                                    if "/" in k and k.rsplit("/", 1)[1].startswith(("AP", "mMR", "recall"))})
         (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=1))
         torch.save(model.export().state_dict(), out / "model_final.pt")
     metrics["finished"] = 1  # the last report of a trial: carries the evaluation

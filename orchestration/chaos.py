@@ -171,7 +171,8 @@ class WorkerChaos:
             frame = sys._current_frames().get(trainer)
             while frame is not None:
                 code = frame.f_code
-                if code.co_name == "evaluate" and code.co_filename.endswith(os.path.join("lgd", "evaluation.py")):
+                if code.co_name == "evaluate" and code.co_filename.endswith(os.path.join("lgd", "evaluation",
+                                                                                          "__init__.py")):
                     return f"{code.co_filename}:{frame.f_lineno} running"
                 frame = frame.f_back
             return None

@@ -34,6 +34,7 @@ DISPLAY = {
     "resnet18": "R-18", "resnet50": "R-50", "resnet101": "R-101", "resnext101_32x8d": "X-101",
     "resnet18_dcn": "R-18 DCN", "resnet50_dcn": "R-50 DCN", "resnet101_dcn": "R-101 DCN",
     "resnext101_32x8d_dcn": "X-101 DCN", "baseline": "Baseline", "lgd": "Ours",
+    "atss": "ATSS", "poto": "POTO", "swin_t": "Swin-T",
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -65,23 +66,33 @@ class Resources:
 
 @dataclass
 class DatasetSpec:
-    """A dataset by name: a COCO-layout root (train2017/, val2017/, annotations/), explicit paths, or synthetic."""
+    """A dataset by name and ``format``: coco (a root of train2017/, val2017/, annotations/, or explicit paths),
+    voc (a VOCdevkit root: VOC2007/, VOC2012/), crowdhuman (a root of Images/ and annotation_*.odgt), or synthetic
+    (written in the format)."""
+    format: Literal["coco", "voc", "crowdhuman"] = "coco"
     root: Optional[str] = None
     train_images: Optional[str] = None
     train_annotations: Optional[str] = None
     val_images: Optional[str] = None
     val_annotations: Optional[str] = None
     synthetic: Optional[SyntheticData] = None
-    # the dataset the paper reports on (MS-COCO 2017): only then are its absolute numbers put beside ours
+    # the dataset the paper reports on (MS-COCO 2017, VOC 07+12, CrowdHuman): only then are its absolute numbers
+    # put beside ours
     paper: bool = False
 
     def check(self):
         if self.paper and self.synthetic is not None:
-            yield "paper", "a synthetic dataset is never the paper's (MS-COCO): drop 'paper: true'"
+            yield "paper", "a synthetic dataset is never the paper's: drop 'paper: true'"
+        paths = [k for k in ("train_images", "train_annotations", "val_images", "val_annotations") if getattr(self, k)]
+        if self.format != "coco" and paths:
+            yield paths[0], f"format {self.format} reads its own layout under 'root': drop {', '.join(paths)}"
 
     def data_config(self) -> dict:
+        fmt = {} if self.format == "coco" else {"format": self.format}
         if self.synthetic is not None:
-            return {"synthetic": self.synthetic.__dict__.copy()}
+            return {**fmt, "synthetic": self.synthetic.__dict__.copy()}
+        if self.format != "coco":  # the reader finds its files under the root (DataConfig refuses other paths)
+            return {**fmt, "root": self.root}
         root = Path(self.root) if self.root else None
 
         def at(value, default):

@@ -49,10 +49,15 @@ STATISTICS_RULE = (
     "A gain is a cell's mean minus the mean of the table's reference (its Baseline column, else its Baseline row, "
     "else the first column our runs fill), ± its standard error sqrt(s1²/n1 + s2²/n2). It is marked 'within "
     f"noise' when Welch's t-test (unequal variances) gives p >= {ALPHA:g}, and 'n=1, no test' when either side "
-    "has fewer than 2 runs.")
-PAPER_RULE = ("The paper's absolute numbers (MS-COCO) are shown beside ours only for a dataset marked `paper: true` "
-              "in the grid; elsewhere (synthetic or other data) only gains are compared: ours beside the paper's "
-              "gain for the same row and column.")
+    "has fewer than 2 runs. For a metric where lower is better (CrowdHuman's mMR) a gain is the reference's mean "
+    "minus the cell's: a positive gain is an improvement in every table.")
+PAPER_RULE = ("The paper's absolute numbers are shown beside ours only for a dataset marked `paper: true` in the grid "
+              "(the one the paper's table reports on: MS-COCO, Pascal VOC or CrowdHuman); elsewhere (synthetic or "
+              "other data) only gains are compared: ours beside the paper's gain for the same row and column.")
+LOWER_IS_BETTER = frozenset({"crowdhuman/mMR"})  # metrics where smaller is better: gains are reference − ours
+# what a trial cost (recorded by the trial recorder; Table 7): a cell is compared with its reference as a ratio,
+# which carries across clusters where hours do not (the paper: 23.5 / 12.1 h on 8 V100 = 1.94x)
+COST_METRICS = frozenset({"wall_clock_h", "wall_clock_s", "gpu_hours", "cpu_hours", "train_time_s"})
 _STATUS_ORDER = ("failed", "interrupted", "running", "stopped", "done", "missing")  # an empty cell shows the first
 _LATEX_TEXT = {"±": r"$\pm$", "λ": r"$\lambda$", "Δ": r"$\Delta$", "−": "$-$", "—": "---", "≈": r"$\approx$"}
 _CSS = """
@@ -144,6 +149,8 @@ class TableResult:
     paper_dataset: bool  # the table's dataset is the one the paper reports on
     reference: tuple[str, str] | None  # ("column" | "row", label) the gains are taken against
     cells: pd.DataFrame  # one row per (row, column): status, runs, n, mean, std, run_ids, paper, gains, verdict
+    lower_is_better: bool = False  # the metric is in LOWER_IS_BETTER: every gain is reference − cell
+    ratio: bool = False  # the metric is in COST_METRICS: every gain is cell / reference
 
 
 def _reference(rows: list[str], columns: list[str], ours: list[str]) -> tuple[str, str] | None:
@@ -170,8 +177,11 @@ def _aggregate(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return cells.reset_index()
 
 
-def _gains(cells: pd.DataFrame, reference: tuple[str, str] | None) -> pd.DataFrame:
-    """Gain of every cell over its reference cell (same row or column): ours with SE and Welch's test, the paper's."""
+def _gains(cells: pd.DataFrame, reference: tuple[str, str] | None, lower_is_better: bool = False,
+           ratio: bool = False) -> pd.DataFrame:
+    """Gain of every cell over its reference cell (same row or column): ours with SE and Welch's test, the paper's;
+    for a metric where lower is better, the reference minus the cell (a positive gain is an improvement); for a
+    cost, the cell over the reference (SE by the delta method; the test is still whether the means differ)."""
     cells = cells.copy()
     for k in ("gain", "gain_se", "p_value", "paper_gain"):
         cells[k] = np.nan
@@ -185,10 +195,17 @@ def _gains(cells: pd.DataFrame, reference: tuple[str, str] | None) -> pd.DataFra
     mine = cells[other] != label
     r = ref.reindex(cells[key]).set_axis(cells.index)
     cells.loc[mine, "reference"] = label
-    cells["gain"] = (cells["mean"] - r["mean"]).where(mine)
-    cells["paper_gain"] = (cells["paper"] - r["paper"]).where(mine)
+    sign = -1.0 if lower_is_better else 1.0
     both = mine & (cells["n"] >= 2) & (r["n"] >= 2)
-    cells["gain_se"] = np.sqrt(cells["std"] ** 2 / cells["n"] + r["std"] ** 2 / r["n"]).where(both)
+    if ratio:
+        cells["gain"] = (cells["mean"] / r["mean"]).where(mine)
+        cells["paper_gain"] = (cells["paper"] / r["paper"]).where(mine)
+        relative = (cells["std"] / cells["mean"]) ** 2 / cells["n"] + (r["std"] / r["mean"]) ** 2 / r["n"]
+        cells["gain_se"] = (cells["gain"] * np.sqrt(relative)).where(both)
+    else:
+        cells["gain"] = (sign * (cells["mean"] - r["mean"])).where(mine)
+        cells["paper_gain"] = (sign * (cells["paper"] - r["paper"])).where(mine)
+        cells["gain_se"] = np.sqrt(cells["std"] ** 2 / cells["n"] + r["std"] ** 2 / r["n"]).where(both)
     if both.any():  # Welch's t-test from each side's mean, std and n (= scipy.stats.ttest_ind(equal_var=False))
         from scipy import stats  # only where cells have seeds: its import costs ~0.4 s
 
@@ -221,9 +238,11 @@ def collect(grid: Grid, frame: pd.DataFrame, reference: dict) -> list[TableResul
         cells["paper"] = cells["paper"].astype(float)
         columns = list(ref.get("columns", [])) + [c for c in ours if c not in ref.get("columns", [])]
         reference_cell = _reference(rows, columns, ours)
-        cells = _gains(cells, reference_cell)
+        lower, ratio = table.metric in LOWER_IS_BETTER, table.metric in COST_METRICS
+        cells = _gains(cells, reference_cell, lower, ratio)
         out.append(TableResult(table, table.title or ref.get("title", table.name), rows, columns, ours,
-                               grid.datasets[table.dataset].paper, reference_cell, cells))
+                               grid.datasets[table.dataset].paper, reference_cell, cells, lower_is_better=lower,
+                               ratio=ratio))
     return out
 
 
@@ -237,17 +256,18 @@ def _ours_text(c) -> str:
     return s
 
 
-def _gain_text(c) -> str:
+def _gain_text(c, ratio: bool = False) -> str:
     if pd.isna(c.gain):
         return ""
+    g = f"{c.gain:.2f}x" if ratio else f"{c.gain:+.1f}"
     if c.verdict == NO_TEST:
-        return f"{c.gain:+.1f} ({NO_TEST})"
+        return f"{g} ({NO_TEST})"
     p = "p<0.001" if c.p_value < 0.001 else f"p={c.p_value:.3f}" if pd.notna(c.p_value) else ZERO_VARIANCE
-    return f"{c.gain:+.1f} ± {c.gain_se:.2f} ({'within noise, ' if c.verdict == WITHIN_NOISE else ''}{p})"
+    return f"{g} ± {c.gain_se:.2f} ({'within noise, ' if c.verdict == WITHIN_NOISE else ''}{p})"
 
 
-def _num(x: float, sign: bool = False) -> str:
-    return "" if pd.isna(x) else f"{x:+.1f}" if sign else f"{x:.1f}"
+def _num(x: float, sign: bool = False, ratio: bool = False) -> str:
+    return "" if pd.isna(x) else f"{x:.2f}x" if ratio else f"{x:+.1f}" if sign else f"{x:.1f}"
 
 
 def _cell_class(c, field: str) -> str:
@@ -262,9 +282,10 @@ def layout(t: TableResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     paper on the paper's dataset, then the gain over the reference, ours and the paper's), pivoted from the cells;
     and the same-shaped frame of CSS classes (the HTML's marks)."""
     c = t.cells.assign(
-        ours=[_ours_text(x) for x in t.cells.itertuples()], gain_txt=[_gain_text(x) for x in t.cells.itertuples()],
+        ours=[_ours_text(x) for x in t.cells.itertuples()],
+        gain_txt=[_gain_text(x, t.ratio) for x in t.cells.itertuples()],
         paper_txt=t.cells["paper"].map(_num), delta=(t.cells["mean"] - t.cells["paper"]).map(lambda x: _num(x, True)),
-        paper_gain_txt=t.cells["paper_gain"].map(lambda x: _num(x, True)),
+        paper_gain_txt=t.cells["paper_gain"].map(lambda x: _num(x, True, t.ratio)),
         ours_cls=[_cell_class(x, "ours") for x in t.cells.itertuples()],
         gain_cls=[_cell_class(x, "gain") for x in t.cells.itertuples()])
     c["empty"] = ""
@@ -287,7 +308,8 @@ def layout(t: TableResult) -> tuple[pd.DataFrame, pd.DataFrame]:
             if col in t.ours_columns:
                 add(f"{col}: ours − paper", "delta")
         if orient == "column" and col != ref or orient == "row":
-            gain = f"{col} − {ref}" if orient == "column" else f"{col}: gain over {ref} row"
+            gain = (f"{col} / {ref}" if t.ratio else f"{ref} − {col}" if t.lower_is_better else f"{col} − {ref}") \
+                if orient == "column" else f"{col}: {'ratio to' if t.ratio else 'gain over'} {ref} row"
             if col in t.ours_columns:
                 add(gain, "gain_txt", "gain_cls")
             add(f"{gain} (paper)", "paper_gain_txt")
@@ -324,6 +346,10 @@ def _comparison_note(t: TableResult) -> str:
 
 def _caption(t: TableResult) -> str:
     ref = f"; gains over {t.reference[1]} ({t.reference[0]})" if t.reference else ""
+    if t.reference and t.lower_is_better:
+        ref += " (lower is better: a gain is the reference minus ours, positive = better)"
+    if t.reference and t.ratio:
+        ref = ref.replace("; gains over", "; cost as a ratio to")
     return f"metric: `{t.spec.metric}`{ref}; {_comparison_note(t)}"
 
 
@@ -396,7 +422,7 @@ def _plots(tables: list[TableResult], out: Path) -> list[Path]:
     # Figure 3 in spirit: the gain of LGD over the baseline against the baseline's strength.
     pts = []
     for t in tables:
-        if t.reference == ("column", BASELINE) and "Ours" in t.ours_columns:
+        if t.reference == ("column", BASELINE) and "Ours" in t.ours_columns and not (t.lower_is_better or t.ratio):
             c = t.cells.set_index(["row", "column"])
             for row in t.rows:
                 b, o = c.loc[(row, BASELINE)], c.loc[(row, "Ours")]

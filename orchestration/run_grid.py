@@ -4,14 +4,15 @@ written out as the paper's tables.
     python orchestration/run_grid.py --grid experiments/quickstart.yaml
 
 Finished cells (found in MLflow by config digest) are never run again; unfinished ones continue from
-their last checkpoint. Exit codes: 0 all cells done, 1 some trials failed, 2 bad input (nothing started),
-130 interrupted (Ctrl-C or SIGTERM: the first stops the grid and closes its MLflow runs, a second at once).
+their last checkpoint. With --address (or RAY_ADDRESS) the grid joins that Ray cluster, else it starts a
+local Ray of its own (orchestration/cluster.py). Exit codes: 0 all cells done, 1 some trials failed, 2 bad
+input or a Ray cluster that refuses the driver or cannot hold one trial (nothing started), 130 interrupted
+(Ctrl-C or SIGTERM: the first stops the grid and closes its MLflow runs, a second at once).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -22,9 +23,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lgd.config import TrainConfig
-from lgd.data.coco import DataError, load_datasets
+from lgd.config import DataConfig, TrainConfig
+from lgd.data.coco import DataError
+from lgd.data.formats import load_splits
 from lgd.typed import ConfigError, build
+from orchestration.cluster import (CONNECT_TIMEOUT_S, LOCAL, Capacity, ClusterUnavailable, alive_nodes, connect,
+                                   local_nodes)
 from orchestration.costs import v100_hours
 from orchestration.grid import Grid, TrialSpec, expand, load_grid
 from orchestration.report import default_tracking_uri, experiment_name, write_reports
@@ -42,7 +46,11 @@ def parse_args(argv):
     p.add_argument("--storage", help="trial storage for checkpoints (any pyarrow URI; default <output>/ray_storage)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: sqlite file in --output)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster: HOST:PORT of its GCS, or auto (default RAY_ADDRESS; without "
+                        "either, or with 'local', a local Ray of its own is started)")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, metavar="S",
+                   help="give up joining the --address cluster after S seconds (exit 2)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT", help="root folder of a dataset")
     p.add_argument("--resume", action="store_true",
@@ -59,7 +67,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _dry_run(grid: Grid, specs: list[TrialSpec]) -> None:
+def _dry_run(grid: Grid, specs: list[TrialSpec], nodes: list[dict[str, float]], where: str) -> None:
     total = 0.0
     for s in specs:
         cfg = build(TrainConfig, s.config)
@@ -71,6 +79,27 @@ def _dry_run(grid: Grid, specs: list[TrialSpec]) -> None:
         print(f"{s.digest}  {res}  {cfg.solver.max_iter:>7} it  ~{hours:8.1f} V100-h  {cells}")
     print(f"{len(specs)} trials, {sum(len(s.cells) for s in specs)} cells; estimated {total:,.1f} V100-GPU-hours "
           f"(scaled from the paper's Table 7)")
+    print(Capacity.of(grid.resources).describe(nodes, where))
+
+
+def _dry_run_on_cluster(grid: Grid, specs: list[TrialSpec], args, local: bool) -> int:
+    """--dry-run: the trials, their cost, and whether the target cluster holds one trial (the --address cluster
+    is joined for its node list; the local Ray is not started)."""
+    if local:
+        _dry_run(grid, specs, local_nodes(args.num_cpus), "local Ray (this machine)")
+        return 0
+    import ray
+
+    try:
+        where = connect(args.address, {}, None, args.connect_timeout)
+        nodes = alive_nodes()
+    except ClusterUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    _dry_run(grid, specs, nodes, f"Ray cluster at {where}")
+    return 0
 
 
 def _check_data(specs: list[TrialSpec]) -> None:
@@ -81,25 +110,35 @@ def _check_data(specs: list[TrialSpec]) -> None:
         d = s.config["data"]
         if d.get("synthetic") is not None:
             continue
-        key = (d["train_images"], d["train_annotations"], d["val_images"], d["val_annotations"])
+        key = (d.get("format", "coco"), d.get("root"), d["train_images"], d["train_annotations"], d["val_images"],
+               d["val_annotations"])
         if key in seen:
             continue
         seen.add(key)
-        for split, ds in zip(("train", "val"), load_datasets(*key, max_objects=d["max_objects_per_image"])):
+        for split, ds in zip(("train", "val"), load_splits(build(DataConfig, d))):  # the reader of its format
             print(f"dataset {d['name']} {split}: {ds.stats.as_dict()}")
 
 
-def _concurrency(grid: Grid, cap: int | None) -> int:
-    import ray
-
-    res = ray.cluster_resources()
-    r = grid.resources
-    n = math.floor(res.get("CPU", 1) / (r.num_workers * r.cpus_per_worker))
-    if r.use_gpu:
-        n = min(n, math.floor(res.get("GPU", 0) / (r.num_workers * r.gpus_per_worker)))
+def _concurrency(grid: Grid, cap: int | None, where: str) -> int:
+    """Trials at once: as many as the connected cluster's live nodes hold (ClusterUnavailable: not one)."""
+    capacity, nodes = Capacity.of(grid.resources), alive_nodes()
+    n = capacity.trials(nodes)
     if n < 1:
-        raise RuntimeError(f"the Ray cluster ({res}) cannot hold one trial of {r}")
+        raise ClusterUnavailable(capacity.describe(nodes, where))
     return min(n, cap) if cap else n
+
+
+def _driver_env(grid: Grid, local: bool) -> dict[str, str]:
+    """Environment variables of the grid's Ray job (its trial drivers and workers)."""
+    from orchestration.chaos import PLAN_ENV
+
+    # A trial whose workers get no resources for progress_timeout_s fails with that reason (no report either).
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(grid.progress_timeout_s)}
+    if os.environ.get(PLAN_ENV):  # chaos tests: the planned worker kills
+        env[PLAN_ENV] = os.environ[PLAN_ENV]
+    if local:  # a cluster's nodes have the package installed (docker/Dockerfile); this checkout may not be
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return env
 
 
 class Interruption:
@@ -127,13 +166,13 @@ class Interruption:
             signal.signal(signal.SIGTERM, self)
 
 
-def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -> int:
+def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, concurrent: int) -> int:
+    """The grid's trials on the Ray cluster already joined (:func:`orchestration.cluster.connect`)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.stopper import Stopper
 
-    from orchestration.chaos import PLAN_ENV
     from orchestration.trial import MLflowRecorder, run_trial
     from orchestration.trial_resources import PlacementGroupJanitor
 
@@ -147,10 +186,6 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
     interruption.install()
     parent = tracker.start_parent(grid.name, {"lgd.grid_file": str(args.grid), "lgd.git_commit": _git_commit()},
                                   resume=args.resume)
-    # A trial whose workers get no resources for progress_timeout_s fails with that reason (no report either).
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(grid.progress_timeout_s)}
-    if os.environ.get(PLAN_ENV):  # chaos tests: the planned worker kills
-        env[PLAN_ENV] = os.environ[PLAN_ENV]
     # Fault and failure reports carry no scheduler metric; ASHA skips them, Tune must not refuse them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
@@ -164,15 +199,6 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker) -
     errors = 0
     recorder = None
     try:
-        if args.address:
-            ray.init(address=args.address, runtime_env={"env_vars": env})
-        else:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-            # a Ray of its own ("local"), never a cluster that `ray start` left on this machine; the dashboard
-            # serves the state API
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=True, runtime_env={"env_vars": env})
-        interruption.install()  # again: ray.init sets its own SIGTERM handler
-        concurrent = _concurrency(grid, args.max_concurrent)
         resources = dict(grid.resources.__dict__)
         recorder = MLflowRecorder(tracker, grid.name, parent, {"lgd.grid_file": str(args.grid),
                                                                 "lgd.git_commit": _git_commit()}, resources)
@@ -229,29 +255,41 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {args.grid}: {e}", file=sys.stderr)
         return 2
+    local = not args.address or args.address == LOCAL
     if args.dry_run:
-        _dry_run(grid, specs)
-        return 0
+        return _dry_run_on_cluster(grid, specs, args, local)
     try:
         _check_data(specs)  # before MLflow and Ray: a refused dataset creates nothing
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.output or Path("runs") / grid.name)
-    out.mkdir(parents=True, exist_ok=True)
-    uri = args.tracking_uri or default_tracking_uri(out)
-    tracker = Tracker(uri, experiment_name(grid), artifact_location=None if args.tracking_uri else
-                      (out / "mlartifacts").resolve().as_uri())
-    try:
-        tracker.check()
-    except TrackingUnavailable as e:
+    import ray
+
+    try:  # Ray before MLflow: a cluster that refuses the driver or cannot hold a trial leaves nothing behind
+        where = connect(args.address, _driver_env(grid, local), args.num_cpus, args.connect_timeout)
+        concurrent = _concurrency(grid, args.max_concurrent, "local Ray" if local else f"Ray cluster at {where}")
+    except ClusterUnavailable as e:
+        ray.shutdown()
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        code = run(grid, specs, args, out, tracker)
-    except KeyboardInterrupt:  # a second Ctrl-C: its runs are closed, nothing else is done
-        print("interrupted: MLflow runs closed; --resume continues the grid", file=sys.stderr)
-        return 130
+        out = Path(args.output or Path("runs") / grid.name)
+        out.mkdir(parents=True, exist_ok=True)
+        uri = args.tracking_uri or default_tracking_uri(out)
+        tracker = Tracker(uri, experiment_name(grid), artifact_location=None if args.tracking_uri else
+                          (out / "mlartifacts").resolve().as_uri())
+        try:
+            tracker.check()
+        except TrackingUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            code = run(grid, specs, args, out, tracker, concurrent)
+        except KeyboardInterrupt:  # a second Ctrl-C: its runs are closed, nothing else is done
+            print("interrupted: MLflow runs closed; --resume continues the grid", file=sys.stderr)
+            return 130
+    finally:
+        ray.shutdown()
     text = write_reports(grid, specs, tracker, out)
     print(text)
     print(f"tables and report written to {out}/ (report.md, report.html, tables/)")

@@ -114,7 +114,9 @@ class Tracker:
         return self._search(f)
 
     def finished_digests(self) -> set[str]:
-        return {r.data.tags[TAG_DIGEST] for r in self.trial_runs() if r.data.tags.get(TAG_STATE) == "done"}
+        """Digests of the trials recorded as done (the store filters: unfinished runs are not fetched)."""
+        done = self._search(f"tags.`{TAG_KIND}` = 'trial' and tags.`{TAG_STATE}` = 'done'")
+        return {r.data.tags[TAG_DIGEST] for r in done}
 
     def trial_run(self, digest: str, grid_name: str, parent_id: str, config: dict, cells: list[dict],
                   tags: dict[str, str]) -> tuple[str, int]:

@@ -7,9 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zipfile
+from pathlib import Path
 
 import pyarrow.fs
 import ray.train
@@ -39,28 +41,61 @@ def worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker: train_loop with reports and checkpoints through ray.train."""
     cfg: TrainConfig = build(TrainConfig, loop_config["config"])
     ctx = ray.train.get_context()
-    cfg.output_dir = tempfile.mkdtemp(prefix=f"lgd-{loop_config['digest']}-r{ctx.get_world_rank()}-")
     cfg.threads = loop_config["threads"]
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else None
     chaos = WorkerChaos.from_env(loop_config["digest"], loop_config["storage"], cfg.solver.max_iter)
+    # the node this worker runs on: rank 0's reports reach Tune, the MLflowRecorder tags the trial's run with it
+    node = {"worker_node_id": ray.get_runtime_context().get_node_id(), "worker_node_ip": ray.util.get_node_ip_address()}
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         step, finished = int(metrics.get("iteration", 0)), bool(metrics.get("finished"))
         if chaos:
             chaos.before_report(step, checkpoint_dir, finished)
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report({**metrics, **node}, checkpoint=ckpt)
         if chaos:
             chaos.after_report(step, finished)
 
     checkpoint = ray.train.get_checkpoint() or _latest_checkpoint(loop_config["storage"], loop_config["digest"])
-    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume:
+    # the worker's own files (its checkpoints are copied to the trial's storage when reported) go when it ends;
+    # those of a killed worker of this trial and rank on this node go when the next one starts
+    prefix = f"lgd-{loop_config['digest']}-r{ctx.get_world_rank()}-"
+    _remove_orphans(Path(tempfile.gettempdir()), prefix)
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as work_dir, \
+            (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume:
+        (Path(work_dir) / OWNER_FILE).write_text(str(os.getpid()))
+        cfg.output_dir = work_dir
         try:
             train_loop(cfg, report, resume_from=resume, device=device)
         except NonFiniteLossError as e:  # final: retrying from a checkpoint would diverge again
             ray.train.report({"diverged": 1, "iteration": e.iteration, "diverged_terms": json.dumps(e.terms)})
         except DataError as e:
             ray.train.report({"fatal_error": str(e)})
+
+
+OWNER_FILE = ".lgd-owner-pid"
+
+
+def _remove_orphans(tmp: Path, prefix: str) -> None:
+    """Remove the work folders under ``tmp`` named ``prefix*`` whose owner process is gone (a killed worker
+    never cleans up); a folder whose owner still runs (the same trial in another grid) is left alone."""
+    for folder in tmp.glob(prefix + "*"):
+        try:
+            owner = folder / OWNER_FILE
+            if not owner.exists():  # being created this moment, or older than owner files: by its age
+                orphan = time.time() - folder.stat().st_mtime > 3600
+            else:
+                try:
+                    os.kill(int(owner.read_text()), 0)  # signal 0: only asks whether the process exists
+                    orphan = False
+                except ProcessLookupError:
+                    orphan = True
+                except PermissionError:  # it exists, another user's
+                    orphan = False
+        except (OSError, ValueError):  # gone meanwhile, or an unreadable owner file
+            continue
+        if orphan:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _latest_checkpoint(storage: str, digest: str) -> Checkpoint | None:
@@ -185,6 +220,10 @@ class MLflowRecorder(tune.Callback):
         if st is None:
             return
         metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float))}
+        if result.get("worker_node_id") and result["worker_node_id"] != st.get("node"):  # first, or after a restart
+            st["node"] = result["worker_node_id"]
+            self.tracker.set_tags(st["run_id"], {"lgd.node_id": st["node"],
+                                                 "lgd.node_ip": result.get("worker_node_ip")})
         if result.get("worker_failure"):  # a lost worker: the trial restarts from its checkpoint (or is spent)
             n = int(result["worker_failure"])
             self.tracker.set_tags(st["run_id"], {"lgd.worker_failures": n,
@@ -220,7 +259,8 @@ class MLflowRecorder(tune.Callback):
         wall = time.time() - st["start"]
         r = self.resources
         gpus = r["num_workers"] * r["gpus_per_worker"] if r["use_gpu"] else 0.0
-        self.tracker.log_metrics(st["run_id"], {"wall_clock_s": wall, "gpu_hours": wall * gpus / 3600.0,
+        self.tracker.log_metrics(st["run_id"], {"wall_clock_s": wall, "wall_clock_h": wall / 3600.0,
+                                                "gpu_hours": wall * gpus / 3600.0,
                                                 "cpu_hours": wall * r["num_workers"] * r["cpus_per_worker"] / 3600.0},
                                  st["last"])
         if st["final"]:

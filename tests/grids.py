@@ -37,8 +37,10 @@ def write_grid(tmp_path: Path, grid: dict) -> Path:
 
 
 def run_grid_cmd(grid: Path, out: Path, *extra: str) -> list[str]:
+    """The run_grid.py command line; a local Ray of 2 CPUs unless ``extra`` joins a cluster (--address)."""
+    local = [] if "--address" in extra else ["--num-cpus", "2"]
     return [sys.executable, str(ROOT / "orchestration" / "run_grid.py"), "--grid", str(grid), "--output", str(out),
-            "--num-cpus", "2", *extra]
+            *local, *extra]
 
 
 def run_grid(grid: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:

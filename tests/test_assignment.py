@@ -1,9 +1,12 @@
-"""Batched label assignment and the shared head pass give torchvision's own losses, to rounding."""
+"""Batched label assignment and the shared head pass give torchvision's own losses, to rounding; ATSS's and
+POTO's assignments on hand-made cases."""
+import math
+
 import pytest
 import torch
 
 from lgd.detectors import build_detector
-from lgd.detectors.assignment import iou_assign
+from lgd.detectors.assignment import atss_assign, hungarian_assign, iou_assign
 
 K = 4
 
@@ -58,3 +61,66 @@ def test_iou_assign_thresholds_and_low_quality_matches_by_hand():
     assert plain.tolist() == [0, 0, -2, -1, -1]
     low = iou_assign(targets, anchors, 0.5, 0.4, allow_low_quality=True)[0]
     assert low.tolist() == [0, 0, -2, -1, 1]  # box 1 keeps its best anchor, however poor
+
+
+def _two_level_points(level0=range(4, 32, 8), level1=(8, 24)):
+    """Points of two pyramid levels on one row: stride-8 anchors (8 px squares) at y = 4, stride-16 at y = 8."""
+    return torch.tensor([[x - 4, 0, x + 4, 8] for x in level0] + [[x - 8, 0, x + 8, 16] for x in level1],
+                        dtype=torch.float)
+
+
+def test_atss_assign_adaptive_iou_threshold_and_centre_inside_by_hand():
+    """Points 0-3 (stride 8, x = 4..28) and 4-5 (stride 16, x = 8, 24); top-2 per level, anchor_scale 1."""
+    a = _two_level_points()
+    targets = [
+        # box 0: candidates p0, p1 (level 0), p4, p5 (level 1) with IoU .8, .125, .3125, 0: mean + std = .66 -> p0;
+        # box 1: candidates p2, p3, p5, p4 with IoU .2, .2, .8, .06: threshold .645 -> p5 only
+        {"boxes": torch.tensor([[0.0, 0, 10, 8], [14, 0, 34, 16]])},
+        # candidates p1, p2, p4, p5 with IoU .26, .21, .32, .26: only p4 reaches mean + std (.306), but its point
+        # (8, 8) lies outside the box (x < 9): no positive at all
+        {"boxes": torch.tensor([[9.0, 0, 22, 16]])},
+        {"boxes": torch.zeros(0, 4)},  # padded to the batch's boxes: still nothing
+    ]
+    matched = atss_assign(targets, [a, a, a], [4, 2], topk=2, anchor_scale=1.0)
+    assert [m.tolist() for m in matched] == [[0, -1, -1, -1, -1, 1], [-1] * 6, [-1] * 6]
+    # the box widened by 2 px to the left ([7, 0, 22, 16]) holds p4's point: IoU .27, .19, .41, .24 -> p4 alone
+    wider = [{"boxes": torch.tensor([[7.0, 0, 22, 16]])}]
+    assert atss_assign(wider, [a], [4, 2], topk=2, anchor_scale=1.0)[0].tolist() == [-1, -1, -1, -1, 0, -1]
+
+
+def test_hungarian_assign_is_one_to_one_and_globally_optimal():
+    # greedy (box 0 takes its best, anchor 0) would total 0.9 + 0.1; the optimum gives anchor 0 to box 1
+    quality = torch.tensor([[[0.9, 0.8, 0.1], [0.85, 0.1, 0.2]], [[0.3, 0.2, 0.9], [0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True], [True, False]])  # image 1 has one real box (the other is padding)
+    assert hungarian_assign(quality, valid).tolist() == [[1, 0, -1], [-1, -1, 0]]
+
+
+def _poto_outputs(model, anchors, probs: dict, boxes: dict):
+    """POTO head outputs for one image: class-1 probability and predicted box per point (the rest: ~0, own box)."""
+    logits = torch.full((1, len(anchors), 3), -10.0)
+    pred = anchors.clone()
+    for i, p in probs.items():
+        logits[0, i, 1] = math.log(p / (1 - p))
+        pred[i] = torch.tensor(boxes[i], dtype=torch.float)
+    return {"cls_logits": logits, "bbox_regression": model.box_coder.encode(anchors, pred)[None],
+            "filter_logits": torch.full((1, len(anchors), 1), 20.0)}  # the 3D max filter lets everything through
+
+
+def test_poto_assigns_one_point_per_box_by_quality_within_the_prior_and_aux_one_to_many():
+    a = _two_level_points(level0=range(4, 64, 8), level1=(8, 24, 40, 56))  # points 0-7, 8-11
+    # one box [0, 0, 16, 8] of class 1; p0: score .9 but box IoU .5; p1: score .5, exact box; p2: score .95,
+    # IoU .8, but its point (20, 4) lies outside the box (and its centre region)
+    out_probs = {0: 0.9, 1: 0.5, 2: 0.95}
+    out_boxes = {0: [0, 0, 8, 8], 1: [0, 0, 16, 8], 2: [0, 0, 20, 8]}
+    targets = [{"boxes": torch.tensor([[0.0, 0, 16, 8]]), "labels": torch.tensor([1])}]
+    model = build_detector("poto", "resnet18", 3, (64,), 64, channels=32).model
+    matched, aux = model.assign(targets, _poto_outputs(model, a, out_probs, out_boxes), a[None], [8, 4])
+    # quality .5^0.2 * 1^0.8 = .87 beats .9^0.2 * .5^0.8 = .56: one positive, p1
+    assert matched[0].tolist() == [-1, 0] + [-1] * 10
+    # the auxiliary one-to-many loss: qualities over all 12 candidates .56, .87, .83, 0...: mean + std = .54;
+    # p0 and p1 pass, p2 too but its point is outside the box
+    assert aux[0].tolist() == [0, 0] + [-1] * 10
+    # α = 0: the classification score alone decides
+    scores_only = build_detector("poto", "resnet18", 3, (64,), 64, channels=32, options={"alpha": 0.0}).model
+    matched, _ = scores_only.assign(targets, _poto_outputs(model, a, out_probs, out_boxes), a[None], [8, 4])
+    assert matched[0].tolist() == [0] + [-1] * 11

@@ -63,3 +63,29 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_optimizer_choice_defaults_and_digest(make_config):
+    """solver.optimizer / lgd.optimizer.optimizer: sgd | adamw; a left-out lr and decay are the optimizer's
+    own (AdamW: the Swin detection recipe); the digest tells the optimizers apart, not a default spelt out."""
+    sgd = config_from_dict({})
+    assert sgd.solver.settings() == {"optimizer": "sgd", "base_lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+    adamw = config_from_dict({"solver": {"optimizer": "adamw"}, "lgd": {"optimizer": {"optimizer": "adamw"}}})
+    assert adamw.solver.settings()["base_lr"] == 1e-4 and adamw.lgd.optimizer.settings()["weight_decay"] == 0.05
+    assert sgd.digest() == config_from_dict({"solver": {"base_lr": 0.01, "weight_decay": 1e-4}}).digest()
+    assert adamw.digest() != sgd.digest()
+    assert adamw.digest() == config_from_dict({"solver": {"optimizer": "adamw", "base_lr": 1e-4}}).digest()
+    lgd = make_config(lgd={"enabled": True})
+    assert lgd.digest() != make_config(lgd={"enabled": True, "optimizer": {"optimizer": "adamw"}}).digest()
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"solver": {"optimizer": "adam"}, "lgd": {"optimizer": {"base_lr": -1.0}}})
+    assert "solver.optimizer: 'adam' is not one of 'sgd', 'adamw'" in e.value.problems
+    assert "lgd.optimizer.base_lr: must be > 0" in e.value.problems
+
+
+def test_new_students_are_known_and_their_options_checked():
+    cfg = config_from_dict({"detector": "poto", "backbone": "swin_t", "detector_options": {"alpha": 0.5}})
+    assert cfg.use_context and not cfg.detach_appearance  # the dense detectors' LGD settings
+    config_from_dict({"detector": "atss", "detector_options": {"topk": 7, "score_thresh": 0.1}})
+    with pytest.raises(ConfigError, match="detector_options.alpha"):
+        config_from_dict({"detector": "atss", "detector_options": {"alpha": 0.5}})

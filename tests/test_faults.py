@@ -143,3 +143,24 @@ def test_the_trials_own_error_is_final_a_lost_worker_is_retried():
     lost = classify(WorkerGroupError("x", {0: ActorDiedError(), 1: ValueError("peer gone")}), 60)
     assert not lost.final and "lost" in lost.cause
     assert not classify(WorkerGroupError("x", {0: RuntimeError("connection reset by peer")}), 60).final
+
+
+def test_a_killed_workers_folder_is_removed_a_live_ones_kept(tmp_path):
+    """Work folders of a trial's worker: the one whose owner process is gone (SIGKILLed) goes, a live one stays."""
+    import subprocess
+    import sys
+
+    from orchestration.trial import OWNER_FILE, _remove_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name, pid in (("lgd-abc-r0-dead", dead.pid), ("lgd-abc-r0-live", live.pid), ("lgd-xyz-r0-other", dead.pid)):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / OWNER_FILE).write_text(str(pid))
+        (tmp_path / "lgd-abc-r0-new").mkdir()  # no owner yet: just created
+        _remove_orphans(tmp_path, "lgd-abc-r0-")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lgd-abc-r0-live", "lgd-abc-r0-new", "lgd-xyz-r0-other"]
+    finally:
+        live.kill()

@@ -24,6 +24,7 @@ VALUES = {("t1", "RetinaNet R-50 1x ss", "Baseline"): BASE_R, ("t1", "RetinaNet 
           ("t1", "FRCN R-50 1x ss", "Baseline"): BASE_F, ("t1", "FRCN R-50 1x ss", "Ours"): LGD_F,
           ("lam", "RetinaNet", "λ=0.1"): [31.0],
           ("coco", "RetinaNet R-50 1x ss", "Baseline"): [36.0], ("coco", "RetinaNet R-50 1x ss", "Ours"): [37.9]}
+WALL_H = {"baseline": [1.0, 1.1, 0.9], "lgd": [1.6, 1.7, 1.5]}  # wall-clock hours per seed (Table 7's cost)
 ROW = ["detector", "backbone", "schedule", "scale"]
 SETTING = {"backbone": ["resnet50"], "schedule": ["1x"], "scale": ["ss"]}
 
@@ -39,6 +40,9 @@ def _grid_dict(name="rep"):
         {"name": "coco", "title": "On the paper's dataset", "paper": "table1", "dataset": "coco", "rows": ROW,
          "columns": ["method"],
          "grid": [{"detector": ["retinanet", "fcos"], **SETTING, "method": ["baseline", "lgd"]}]},
+        {"name": "cost", "paper": "table7", "dataset": "shapes", "metric": "wall_clock_h", "rows": ["method"],
+         "columns": [], "seeds": 3, "fixed": {"detector": "retinanet", "backbone": "resnet50"},  # t1's RetinaNet runs
+         "grid": [{"method": ["baseline", "lgd"], "column_label": "Overall"}]},
     ])
     g["datasets"]["coco"] = {"root": "/nonexistent/coco", "paper": True}
     return g
@@ -76,7 +80,8 @@ def _record(grid_path, out):
             tracker.set_tags(run_id, {"lgd.failure": "no progress: no report for 20 s"})
             tracker.finish(run_id, "failed")
             continue
-        tracker.log_metrics(run_id, {"bbox/AP": ap, "bbox/AP50": ap + 10, "finished": 1}, 4)
+        hours = WALL_H["lgd" if spec.config["lgd"]["enabled"] else "baseline"][spec.config["seed"]]
+        tracker.log_metrics(run_id, {"bbox/AP": ap, "bbox/AP50": ap + 10, "wall_clock_h": hours, "finished": 1}, 4)
         tracker.finish(run_id, "done")
     return grid, specs, tracker, ids
 
@@ -256,3 +261,19 @@ def test_the_report_page_renders_in_a_real_browser(report, tmp_path):
     for name in ("t1", "lam", "coco", "run-summary", "failures"):
         assert name in tables and tables[name][1] >= 2 and tables[name][2] > 100, (name, rendered["tables"])
     assert rendered["noise"] == "italic"  # the page's own style sheet applies
+
+
+def test_cost_is_compared_as_a_ratio_to_the_baseline_beside_the_papers(report):
+    _, out, text, _ = report
+    rows = _csv(out, "cost")
+    ours = rows[("Ours", "Overall")]
+    assert float(ours["ours"]) == pytest.approx(1.6) and ours["n"] == "3"
+    assert float(ours["gain"]) == pytest.approx(1.6)  # 1.6 h / 1.0 h
+    se = 1.6 * ((0.1 / 1.6) ** 2 / 3 + (0.1 / 1.0) ** 2 / 3) ** 0.5  # delta method
+    assert float(ours["gain_se"]) == pytest.approx(se, abs=1e-3)
+    assert float(ours["paper_gain"]) == pytest.approx(23.5 / 12.1, abs=1e-3)  # the paper's 1.94x
+    assert "paper" not in ours  # synthetic data: no hours beside the paper's V100 hours
+    md = (out / "tables" / "cost.md").read_text()
+    line = dict(zip(_md_row(md, "method"), _md_row(md, "Ours")))
+    assert line["Overall: ratio to Baseline row"].startswith("1.60x ± 0.11 (") and \
+        line["Overall: ratio to Baseline row (paper)"] == "1.94x"

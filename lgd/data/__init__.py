@@ -1,1 +1,2 @@
-"""COCO-format data: the pre-training check, image decoding, the reader, the synthetic generator, batching."""
+"""Detection data: the pre-training check, image decoding, the readers (COCO, Pascal VOC, CrowdHuman), the synthetic
+generator, batching."""

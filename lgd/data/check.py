@@ -259,15 +259,22 @@ def _not_an_image(e: Exception) -> str:
     return f"is not an image PIL can read ({type(e).__name__}: {e})"
 
 
+def read_headers(paths: list[Path], threads: int = HEADER_THREADS) -> list[ImageHeader | Exception]:
+    """Every image's header (or the exception reading it raised), read in parallel."""
+    with ThreadPoolExecutor(threads) as pool:  # file-system latency overlaps (network storage)
+        return list(pool.map(_header_or_error, paths))
+
+
 def check_image_files(data: dict, image_dir: Path, ann_file: Path, fixes: dict[str, int],
-                      threads: int = HEADER_THREADS) -> None:
-    """Read every image's header and compare it with the JSON; count the fixes decoding will make."""
+                      threads: int = HEADER_THREADS, headers: list | None = None) -> None:
+    """Read every image's header (unless ``headers`` has them, from :func:`read_headers`) and compare it with the
+    JSON; count the fixes decoding will make."""
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder not found (for {ann_file})")
     problems = []
     paths = [image_dir / im["file_name"] for im in data["images"]]
-    with ThreadPoolExecutor(threads) as pool:  # file-system latency overlaps (network storage)
-        headers = list(pool.map(_header_or_error, paths))
+    if headers is None:
+        headers = read_headers(paths, threads)
     for im, path, header in zip(data["images"], paths, headers):
         where = f"image id {im['id']}: file {path}"
         if isinstance(header, Exception):
@@ -298,10 +305,18 @@ def check_split(image_dir: str | Path, ann_file: str | Path) -> SplitCheck:
     """The full check of one split (annotations, then every image header); DataError on a refused defect."""
     t0 = time.time()
     image_dir, ann_file = Path(image_dir), Path(ann_file)
-    data = load_annotations(ann_file)
-    fixes = check_annotations(data, ann_file)
-    check_image_files(data, image_dir, ann_file, fixes)
-    return SplitCheck(image_dir, ann_file, data, fixes, time.time() - t0)
+    return check_split_data(load_annotations(ann_file), image_dir, ann_file, t0=t0)
+
+
+def check_split_data(data: dict, image_dir: str | Path, source: str | Path, headers: list | None = None,
+                     t0: float | None = None) -> SplitCheck:
+    """The check of one split already in COCO form (another format's reader converted it; ``source`` names its
+    files in messages); ``headers``: the images' headers when the reader had to read them already."""
+    t0 = time.time() if t0 is None else t0
+    image_dir, source = Path(image_dir), Path(source)
+    fixes = check_annotations(data, source)
+    check_image_files(data, image_dir, source, fixes, headers=headers)
+    return SplitCheck(image_dir, source, data, fixes, time.time() - t0)
 
 
 def check_same_categories(train: SplitCheck, val: SplitCheck) -> None:

@@ -57,7 +57,8 @@ class CocoDetection(torch.utils.data.Dataset):
     a refused defect raises :class:`DataError` before any training starts, fixes are counted. Category ids
     of any values map to contiguous labels 1..K (``label_to_cat`` maps back). Crowd annotations are
     ignored, degenerate boxes dropped, boxes clipped to the image, and for training images left without
-    objects are skipped; each is counted in ``stats``. Images are decoded like detection libraries do
+    objects are skipped; each is counted in ``stats`` (``crowd_annotations`` also counts VOC's difficult objects
+    and CrowdHuman's ignore regions). Images are decoded like detection libraries do
     (:func:`lgd.data.images.decode_rgb`); one that does not decode comes back as ``(None, {"image_id",
     "unreadable"})`` for :func:`collate_checked` to skip and count.
     """
@@ -68,6 +69,9 @@ class CocoDetection(torch.utils.data.Dataset):
     max_objects: int = 300
     stats: FilterStats = field(default_factory=FilterStats)
     checked: Optional[SplitCheck] = field(default=None, repr=False)
+    # the format the split was read from (lgd.data.voc / lgd.data.crowdhuman convert theirs to this COCO form,
+    # VOC difficult objects and CrowdHuman ignore regions as iscrowd); it picks the metric (lgd.evaluation)
+    format: str = "coco"
 
     def __post_init__(self):
         ann_path, img_dir = Path(self.ann_file), Path(self.image_dir)

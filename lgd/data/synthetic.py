@@ -1,4 +1,5 @@
-"""A synthetic COCO-format dataset: coloured shapes with boxes and polygon masks (the embedded default)."""
+"""A synthetic COCO-format dataset: coloured shapes with boxes and polygon masks (the embedded default), and its
+VOC-devkit and CrowdHuman copies."""
 from __future__ import annotations
 
 import json
@@ -108,20 +109,62 @@ def generate(out_dir: str | Path, split: str, num_images: int, image_size: int =
     return img_dir, ann_file
 
 
+def class_names(num_classes: int) -> list[str]:
+    """The synthetic set's class names in category-id order (the classes of its VOC copy)."""
+    return list(SHAPES[:num_classes])
+
+
+def _build_once(out: Path, build) -> None:
+    """``build(folder)`` aside, then rename to ``out``: concurrent trials never see a half-written set."""
+    if out.exists():
+        return
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    build(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_copy(coco_paths: dict[str, str], dest: Path, format: str) -> None:
+    """The COCO-format train/val pair rewritten in another format under ``dest``: ``voc`` as a devkit
+    (``dest/VOCdevkit``: train split in halves over VOC2007 and VOC2012 trainval, val as VOC2007 test, the
+    paper's split names) or ``crowdhuman`` (``dest/Images``, ``dest/annotation_{train,val}.odgt``)."""
+    from lgd.data.crowdhuman import write_odgt
+    from lgd.data.voc import write_voc
+
+    for split in ("train", "val"):
+        coco = json.loads(Path(coco_paths[f"{split}_annotations"]).read_text())
+        image_dir, ids = coco_paths[f"{split}_images"], [im["id"] for im in coco["images"]]
+        if format == "crowdhuman":
+            write_odgt(coco, image_dir, dest, split, ids)
+        elif format == "voc" and split == "train":
+            half = len(ids) // 2
+            write_voc(coco, image_dir, dest / "VOCdevkit", "VOC2007", "trainval", ids[:half])
+            write_voc(coco, image_dir, dest / "VOCdevkit", "VOC2012", "trainval", ids[half:])
+        elif format == "voc":
+            write_voc(coco, image_dir, dest / "VOCdevkit", "VOC2007", "test", ids)
+        else:
+            raise ValueError(f"unknown format {format!r}: coco, voc or crowdhuman")
+
+
 def ensure_synthetic(root: str | Path, num_train: int, num_val: int, image_size: int, num_classes: int,
-                     max_objects: int, seed: int) -> dict[str, str]:
-    """Generate the train/val sets under ``root`` once (keyed by their parameters); return their paths."""
+                     max_objects: int, seed: int, format: str = "coco") -> dict[str, str]:
+    """Generate the train/val sets under ``root`` once (keyed by their parameters); return their paths: the COCO
+    files, or for ``format`` voc / crowdhuman the ``root`` of a copy in that format (written once too)."""
     key = f"shapes_n{num_train}-{num_val}_s{image_size}_c{num_classes}_m{max_objects}_seed{seed}"
     out = Path(root) / key
-    if not out.exists():  # build aside, then rename: concurrent trials never see a half-written set
-        tmp = Path(root) / f".{key}.tmp{os.getpid()}"
+
+    def build(tmp: Path) -> None:
         generate(tmp, "train", num_train, image_size, num_classes, max_objects, seed)
         generate(tmp, "val", num_val, image_size, num_classes, max_objects, seed)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {
+
+    _build_once(out, build)
+    paths = {
         "train_images": str(out / "train"), "train_annotations": str(out / "train.json"),
         "val_images": str(out / "val"), "val_annotations": str(out / "val.json"),
     }
+    if format == "coco":
+        return paths
+    _build_once(out / format, lambda tmp: write_copy(paths, tmp, format))
+    return {"root": str(out / format / ("VOCdevkit" if format == "voc" else ""))}

@@ -1,4 +1,5 @@
-"""Detector adapters: one small class per torchvision detector, exposing features / losses / prediction."""
-from lgd.detectors.adapters import ADAPTERS, DetectorAdapter, build_detector
+"""Detector adapters: one small class per detector, exposing features / losses / prediction."""
+from lgd.detectors.adapters import DetectorAdapter
+from lgd.detectors.registry import ADAPTERS, MODEL_CLASSES, build_detector
 
-__all__ = ["ADAPTERS", "DetectorAdapter", "build_detector"]
+__all__ = ["ADAPTERS", "MODEL_CLASSES", "DetectorAdapter", "build_detector"]

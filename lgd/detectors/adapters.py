@@ -1,6 +1,7 @@
 """The seam between LGD and a detection library: features of a batch, losses on *given* features, prediction.
 
-torchvision's RetinaNet, FCOS, Faster R-CNN and Mask R-CNN; another backend adds one adapter here.
+torchvision's RetinaNet, FCOS, Faster R-CNN and Mask R-CNN; ATSS and POTO (lgd.detectors.atss, .poto) build on
+the dense adapter; lgd.detectors.registry names them all.
 """
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from lgd.backbones import build_backbone
 from lgd.detectors.assignment import centre_sampling_assign, iou_assign
 from lgd.detectors.dense_losses import BATCHED_BOX_LOSSES, fcos_losses, retinanet_losses
 
@@ -143,17 +143,3 @@ class FasterRCNNAdapter(DetectorAdapter):
 class MaskRCNNAdapter(FasterRCNNAdapter):
     name = "mask_rcnn"
     uses_masks = True
-
-
-ADAPTERS = {a.name: a for a in (RetinaNetAdapter, FCOSAdapter, FasterRCNNAdapter, MaskRCNNAdapter)}
-MODEL_CLASSES = {"retinanet": RetinaNet, "fcos": FCOS, "faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN}
-
-
-def build_detector(detector: str, backbone: str, num_classes: int, min_sizes: tuple[int, ...], max_size: int,
-                   weights: str | None = None, channels: int = 256, options: dict | None = None) -> DetectorAdapter:
-    """A torchvision detector with a ResNet-FPN backbone; ``num_classes`` counts the background (K + 1)."""
-    if detector not in MODEL_CLASSES:
-        raise ValueError(f"unknown detector {detector!r}; known: {', '.join(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[detector](build_backbone(backbone, weights, detector, channels), num_classes=num_classes,
-                              min_size=min_sizes, max_size=max_size, **(options or {}))
-    return ADAPTERS[detector](model)

@@ -15,7 +15,7 @@ from lgd.detectors.assignment import pad_boxes
 BATCHED_BOX_LOSSES = ("l1", "giou")
 
 
-def _matched_targets(targets: list[dict], matched: list[torch.Tensor], anchors: list[torch.Tensor], sets: int):
+def matched_targets(targets: list[dict], matched: list[torch.Tensor], anchors: list[torch.Tensor], sets: int):
     """Per anchor of every set's images: matched index (S * B, A), foreground mask, the label and box of its
     ground truth (background anchors: label 0 and their own box, so that no loss term sees a degenerate box)."""
     B = len(targets)
@@ -32,25 +32,34 @@ def _matched_targets(targets: list[dict], matched: list[torch.Tensor], anchors: 
     return m, fg, gt_labels, gt_boxes, a
 
 
-def _onehot(labels: torch.Tensor, fg: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def onehot_targets(labels: torch.Tensor, fg: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype) * fg[..., None]
 
 
 def fcos_losses(head, targets: list[dict], out: dict[str, torch.Tensor], anchors: list[torch.Tensor],
-                matched: list[torch.Tensor], sets: int) -> list[dict[str, torch.Tensor]]:
-    """FCOS: focal classification, GIoU box and centerness losses over the set's foreground count."""
+                matched: list[torch.Tensor], sets: int, box_weight: float = 1.0,
+                centerness_weighted_box: bool = False) -> list[dict[str, torch.Tensor]]:
+    """FCOS: focal classification, GIoU box and centerness losses over the set's foreground count.
+
+    ATSS's variant (``centerness_weighted_box``): each foreground GIoU term weighted by its centerness target
+    and the sum divided by the centerness targets' sum; ``box_weight`` scales the box loss (ATSS: 2)."""
     B = len(targets)
-    _, fg, labels, gt, a = _matched_targets(targets, matched, anchors, sets)
+    _, fg, labels, gt, a = matched_targets(targets, matched, anchors, sets)
     num_fg = fg[:B].sum().clamp(min=1)  # the same ground truth in every set
     logits, reg = out["cls_logits"], out["bbox_regression"]
-    cls = sigmoid_focal_loss(logits, _onehot(labels, fg, logits), reduction="none").sum(dim=(1, 2))
+    cls = sigmoid_focal_loss(logits, onehot_targets(labels, fg, logits), reduction="none").sum(dim=(1, 2))
     pred = head.box_coder.decode(reg, a)
     box = generalized_box_iou_loss(pred.flatten(0, 1), gt.flatten(0, 1), reduction="none").view(fg.shape)
     enc = head.box_coder.encode(a, gt)
     lr, tb = enc[..., [0, 2]], enc[..., [1, 3]]
     centre = torch.sqrt((lr.amin(-1) / lr.amax(-1)) * (tb.amin(-1) / tb.amax(-1)))
     ctr = torch.nn.functional.binary_cross_entropy_with_logits(out["bbox_ctrness"][..., 0], centre, reduction="none")
-    cls, box, ctr = (x.view(sets, -1).sum(dim=1) / num_fg for x in (cls, (box * fg).sum(1), (ctr * fg).sum(1)))
+    box_norm = num_fg
+    if centerness_weighted_box:
+        box = box * centre
+        box_norm = (centre[:B] * fg[:B]).sum().clamp(min=1e-6)
+    box = (box * fg).sum(1).view(sets, -1).sum(dim=1) / box_norm * box_weight
+    cls, ctr = (x.view(sets, -1).sum(dim=1) / num_fg for x in (cls, (ctr * fg).sum(1)))
     return [{"classification": cls[i], "bbox_regression": box[i], "bbox_ctrness": ctr[i]} for i in range(sets)]
 
 
@@ -58,11 +67,11 @@ def retinanet_losses(head, targets: list[dict], out: dict[str, torch.Tensor], an
                      matched: list[torch.Tensor], sets: int) -> list[dict[str, torch.Tensor]]:
     """``out`` holds ``sets`` feature sets' head outputs concatenated along the batch; one loss dict per set."""
     B = len(targets)
-    m, fg, labels, gt, a = _matched_targets(targets, matched, anchors, sets)
+    m, fg, labels, gt, a = matched_targets(targets, matched, anchors, sets)
     valid = m != head.classification_head.BETWEEN_THRESHOLDS
     num_fg = fg.sum(dim=1).clamp(min=1)
     logits = out["cls_logits"]
-    focal = sigmoid_focal_loss(logits, _onehot(labels, fg, logits), reduction="none") * valid[..., None]
+    focal = sigmoid_focal_loss(logits, onehot_targets(labels, fg, logits), reduction="none") * valid[..., None]
     cls = focal.sum(dim=(1, 2)) / num_fg
 
     reg = out["bbox_regression"]
@@ -75,3 +84,16 @@ def retinanet_losses(head, targets: list[dict], out: dict[str, torch.Tensor], an
     box = (per * fg).sum(dim=1) / num_fg
     cls, box = cls.view(sets, B).mean(dim=1), box.view(sets, B).mean(dim=1)
     return [{"classification": cls[i], "bbox_regression": box[i]} for i in range(sets)]
+
+
+def focal_loss_on_probabilities(log_p: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                                gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss of probabilities given as logarithms (POTO: classification x 3D max filter, a
+    product of two sigmoids), elementwise; log-space and float32 so that autocast and p -> 0 or 1 stay finite."""
+    log_p = log_p.float().clamp(max=-1e-7)
+    log_q = torch.log(-torch.expm1(log_p)).clamp(min=-100.0)  # log(1 - p)
+    p = log_p.exp()
+    ce = -(targets * log_p + (1 - targets) * log_q)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * ce * (1 - p_t) ** gamma

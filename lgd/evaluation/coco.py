@@ -1,17 +1,14 @@
-"""COCO evaluation with pycocotools: AP, AP50, AP75, APs, APm, APl for boxes (and masks for Mask R-CNN)."""
+"""The COCO protocol with pycocotools: AP, AP50, AP75, APs, APm, APl for boxes (and masks for Mask R-CNN),
+recorded as ``bbox/<name>`` and ``segm/<name>``."""
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-
-from lgd.data.coco import UnreadableImages, collate_checked
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -53,32 +50,11 @@ def coco_eval(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]
     return {k: float(max(v, 0.0) * 100.0) for k, v in zip(METRIC_NAMES, ev.stats[:6])}
 
 
-@torch.no_grad()
-def evaluate(predict: Callable[[list[torch.Tensor], list[dict]], list[dict]], dataset, device: torch.device,
-             batch_size: int = 2, max_images: int | None = None, with_masks: bool = False,
-             max_unreadable_fraction: float = 0.0) -> dict[str, float]:
-    """Run ``predict(images, targets)`` over ``dataset`` (a CocoDetection) and score it with COCOeval.
-
-    Keys: ``bbox/AP`` ... and, with masks, ``segm/AP`` ...; ``data/val_unreadable_images`` counts images
-    that did not decode (left out of the score; more than ``max_unreadable_fraction`` of them: DataError).
-    """
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    unreadable = UnreadableImages(str(dataset.ann_file), n, max_unreadable_fraction)
-    outputs, ids = [], []
-    for start in range(0, n, batch_size):
-        images, targets, skipped = collate_checked([dataset[i] for i in range(start, min(n, start + batch_size))])
-        unreadable.add(skipped)
-        if not images:
-            continue
-        images = [im.to(device) for im in images]
-        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        outputs += predict(images, targets)
-        ids += [t["image_id"] for t in targets]
-    if unreadable.exceeded:
-        raise unreadable.error()
-    boxes, segms = detections_to_coco(outputs, ids, dataset.label_to_cat, with_masks)
-    metrics = {f"bbox/{k}": v for k, v in coco_eval(dataset.coco, boxes, "bbox", ids).items()}
+def score(dataset, outputs: list[dict], image_ids: list[int], with_masks: bool = False) -> dict[str, float]:
+    """COCOeval of ``outputs`` (torchvision's, one per image id) against ``dataset.coco``: ``bbox/AP`` ... and,
+    with masks, ``segm/AP`` ..."""
+    boxes, segms = detections_to_coco(outputs, image_ids, dataset.label_to_cat, with_masks)
+    metrics = {f"bbox/{k}": v for k, v in coco_eval(dataset.coco, boxes, "bbox", image_ids).items()}
     if with_masks:
-        metrics.update({f"segm/{k}": v for k, v in coco_eval(dataset.coco, segms, "segm", ids).items()})
-    metrics["data/val_unreadable_images"] = unreadable.count
+        metrics.update({f"segm/{k}": v for k, v in coco_eval(dataset.coco, segms, "segm", image_ids).items()})
     return metrics
