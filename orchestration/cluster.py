@@ -79,7 +79,7 @@ def _reachable(gcs: str, timeout_s: float) -> None:
 
 
 def connect(address: str | None, env_vars: dict[str, str], num_cpus: int | None = None,
-            timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+            timeout_s: float = CONNECT_TIMEOUT_S, log_to_driver: bool = True) -> str:
     """``ray.init`` for the grid's driver; returns the GCS address joined, or ``local``.
 
     Without an address (or with ``local``) a new local Ray is started, whatever clusters this machine has seen
@@ -92,7 +92,8 @@ def connect(address: str | None, env_vars: dict[str, str], num_cpus: int | None 
     if not address or address == LOCAL:
         # a Ray of its own, never a cluster that `ray start` left on this machine; the dashboard serves the
         # state API
-        ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env_vars})
+        ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env_vars},
+                 log_to_driver=log_to_driver)
         return LOCAL
     if "://" in address:
         raise ClusterUnavailable(
@@ -118,7 +119,7 @@ def connect(address: str | None, env_vars: dict[str, str], num_cpus: int | None 
     watchdog.daemon = True
     watchdog.start()
     try:
-        ray.init(address=gcs, runtime_env={"env_vars": env_vars})
+        ray.init(address=gcs, runtime_env={"env_vars": env_vars}, log_to_driver=log_to_driver)
     except Exception as e:  # ConnectionError (refused token, GCS gone), RuntimeError (version mismatch), ...
         raise ClusterUnavailable(
             f"Ray cluster at {gcs} refused this driver ({type(e).__name__}: {e}). {_TOKEN_HELP}. This driver "

@@ -52,6 +52,9 @@ def parse_args(argv):
     p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, metavar="S",
                    help="give up joining the --address cluster after S seconds (exit 2)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    p.add_argument("--verbose", action="store_true",
+                   help="print Tune's status tables and every worker's output here (default: one compact view; "
+                        "the workers' output stays in Ray's log files)")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT", help="root folder of a dataset")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest invocation's parent run (finished cells are skipped regardless)")
@@ -173,6 +176,7 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, c
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.stopper import Stopper
 
+    from orchestration.console import ConsoleProgress
     from orchestration.trial import MLflowRecorder, run_trial
     from orchestration.trial_resources import PlacementGroupJanitor
 
@@ -202,6 +206,10 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, c
         resources = dict(grid.resources.__dict__)
         recorder = MLflowRecorder(tracker, grid.name, parent, {"lgd.grid_file": str(args.grid),
                                                                 "lgd.git_commit": _git_commit()}, resources)
+        console = ConsoleProgress(todo, {s.digest: build(TrainConfig, s.config).solver.max_iter for s in todo},
+                                  recorder.run_ids.get)
+        if not args.verbose:
+            print(f"workers' output: {_worker_logs()} (--verbose prints it here)", flush=True)
         for sched in sorted({s.scheduler or "" for s in todo}):
             group = [s for s in todo if (s.scheduler or "") == sched]
             names = {s.digest: f"trial-{s.digest}" for s in group}
@@ -218,9 +226,11 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, c
                              "progress_timeout_s": grid.progress_timeout_s},
                 tune_config=tune.TuneConfig(**tune_cfg),
                 run_config=tune.RunConfig(name=f"tune-{grid.name}-{parent[:8]}{'-' + sched if sched else ''}",
-                                          storage_path=storage, callbacks=[recorder, PlacementGroupJanitor()],
+                                          storage_path=storage, callbacks=[recorder, PlacementGroupJanitor(),
+                                                                           console],
                                           stop=StopWhenInterrupted(),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          verbose=1 if args.verbose else 0),
             )
             if interruption.count:
                 break
@@ -237,6 +247,16 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, c
         tracker.end_parent(parent, ok=errors == 0, interrupted=interrupted)
         ray.shutdown()
     return 130 if interrupted else 1 if errors else 0
+
+
+def _worker_logs() -> str:
+    """Where this node's Ray writes the workers' output (each node of a cluster has its own)."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return f"{ray_worker._global_node.get_logs_dir_path()} on this node, the same place on the others"
+    except Exception:  # a Ray without that internal: its documented default
+        return "/tmp/ray/session_latest/logs on each node"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     try:  # Ray before MLflow: a cluster that refuses the driver or cannot hold a trial leaves nothing behind
-        where = connect(args.address, _driver_env(grid, local), args.num_cpus, args.connect_timeout)
+        where = connect(args.address, _driver_env(grid, local), args.num_cpus, args.connect_timeout,
+                        log_to_driver=args.verbose)
         concurrent = _concurrency(grid, args.max_concurrent, "local Ray" if local else f"Ray cluster at {where}")
     except ClusterUnavailable as e:
         ray.shutdown()

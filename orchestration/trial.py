@@ -199,6 +199,7 @@ class MLflowRecorder(tune.Callback):
         self.resources = resources
         self.state: dict[str, dict] = {}  # Tune trial id -> run bookkeeping
         self.failed: list[str] = []  # digests of trials recorded as failed
+        self.run_ids: dict[str, str] = {}  # digest -> its MLflow run (kept after the trial ends)
 
     def _spec(self, trial) -> TrialSpec:
         return TrialSpec.from_dict(trial.config["trial"])
@@ -210,6 +211,7 @@ class MLflowRecorder(tune.Callback):
                                               {**self.tags, "lgd.early_stopping": spec.scheduler or "none"})
         if last == 0:
             self.tracker.log_text(run_id, yaml.safe_dump(spec.config, sort_keys=False), "config.yaml")
+        self.run_ids[spec.digest] = run_id
         self.state[trial.trial_id] = {"run_id": run_id, "last": last, "seen": last, "start": time.time(),
                                       "history": [], "final": {}, "digest": spec.digest, "failure": None}
         log.info("trial %s -> MLflow run %s (%s)", spec.digest, run_id, ", ".join(

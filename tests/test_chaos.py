@@ -45,7 +45,8 @@ def _start(grid, out, cluster, plan=None, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
     if plan is not None:
         env["LGD_CHAOS_PLAN"] = str(plan)
-    return subprocess.Popen(run_grid_cmd(grid, out, "--address", cluster, *extra), cwd=ROOT, env=env,
+    # --verbose: the trial actors' own log lines (placement groups released, failures) are asserted on
+    return subprocess.Popen(run_grid_cmd(grid, out, "--address", cluster, "--verbose", *extra), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -1,5 +1,6 @@
 """run_grid.py end to end: a real local Ray (2 CPUs), Ray Train workers, a real MLflow store, real tables."""
 import csv
+import re
 import json
 import socket
 import subprocess
@@ -91,6 +92,20 @@ def test_divergence_fails_only_its_trial_and_names_the_iteration(finished_grid):
     assert "| RetinaNet | failed |" in (out / "tables" / "unstable.md").read_text()
 
 
+def test_console_shows_one_compact_view(finished_grid):
+    _, out, first, _, _ = finished_grid
+    text = first.stdout + first.stderr
+    assert "Reporting training result" not in text and "iter 2/" not in text  # the workers' output: log files
+    assert "Trial status:" not in text  # no Tune status tables
+    assert "workers' output: " in text and "(--verbose prints it here)" in text
+    _, runs = _runs(out)
+    for r in (r for r in runs if r.data.tags.get("lgd.kind") == "trial" and r.data.tags["lgd.state"] == "done"):
+        digest = r.data.tags["lgd.digest"]
+        assert re.search(rf"\] start +trial-{digest}  cmp: RetinaNet / ", text)
+        assert re.search(rf"\] done +trial-{digest}  MLflow run {r.info.run_id}", text)
+    assert re.search(r"\] FAILED +trial-\w+  MLflow run \w+", text)  # the diverging trial
+
+
 def test_second_run_of_a_completed_grid_launches_nothing(finished_grid):
     _, out, _, second, _ = finished_grid
     assert "2 already finished in MLflow, 1 to run" in second.stdout
@@ -143,8 +158,8 @@ def test_one_trial_grid_against_a_real_mlflow_server_with_two_ddp_workers(tmp_pa
         grid = write_grid(tmp_path, tiny_grid("served", [
             {"name": "t", "dataset": "shapes", "rows": ["detector"], "columns": ["method"],
              "grid": [{"detector": ["retinanet"], "method": ["lgd"]}]}], num_workers=2))
-        r = run_grid(grid, tmp_path / "out", "--tracking-uri", uri)
-        assert "world_rank=1" in r.stdout + r.stderr  # two DDP ranks trained this trial
+        r = run_grid(grid, tmp_path / "out", "--tracking-uri", uri, "--verbose")
+        assert "world_rank=1" in r.stdout + r.stderr  # two DDP ranks trained this trial (--verbose: their output)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         exp = client.get_experiment_by_name("lgd-grid-served")
         runs = client.search_runs([exp.experiment_id])
