@@ -26,20 +26,9 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestration.chaos import train_worker_processes  # noqa: E402
 from orchestration.grid import load_grid  # noqa: E402
 from orchestration.report import experiment_name  # noqa: E402
-
-
-def train_workers(driver: psutil.Process) -> list[psutil.Process]:
-    """The Ray Train worker processes of this driver's local Ray (no other Ray on the machine is touched)."""
-    found = []
-    for p in driver.children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
 
 
 def run_grid(grid: Path, out: Path, kill_at: list[float], log: Path) -> tuple[float, float, int, list[str]]:
@@ -55,14 +44,14 @@ def run_grid(grid: Path, out: Path, kill_at: list[float], log: Path) -> tuple[fl
         first = []
 
         def killer():
-            while proc.poll() is None and not train_workers(driver):
+            while proc.poll() is None and not train_worker_processes(driver.pid):
                 time.sleep(0.2)
             first.append(time.time() - t0)
             for at in kill_at:
                 while time.time() - t0 < first[0] + at and proc.poll() is None:
                     time.sleep(0.1)
                 while proc.poll() is None:  # a worker may be between attempts: wait for one
-                    workers = train_workers(driver)
+                    workers = train_worker_processes(driver.pid)
                     if workers:
                         victim = rng.choice(workers)
                         try:

@@ -177,3 +177,19 @@ class WorkerChaos:
                 frame = frame.f_back
             return None
         _watch(evaluating, lambda seen: self.plan.fire(index, iteration, seen))
+
+
+def train_worker_processes(driver_pid: int) -> list:
+    """The Ray Train worker processes (psutil.Process) under the grid driver ``driver_pid``, i.e. of its own local
+    Ray: no other Ray on the machine is touched. For outside chaos (benchmarks/chaos.py, the fault tests); needs
+    psutil (the test extra)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found

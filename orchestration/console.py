@@ -21,7 +21,7 @@ class ConsoleProgress(tune.Callback):
 
     def __init__(self, specs: list, max_iter: dict[str, int], run_id_of: Callable[[str], str | None],
                  period_s: float = 30.0, stream: TextIO = sys.stdout):
-        self.cells = {s.digest: "; ".join(f"{c.table}: {c.row} / {c.column}" for c in s.cells) for s in specs}
+        self.cells = {s.digest: s.cells_text() for s in specs}
         self.max_iter = max_iter  # digest -> the trial's iterations
         self.run_id_of, self.period_s, self.stream = run_id_of, period_s, stream
         self.running: dict[str, tuple[int, float | None]] = {}  # digest -> (iteration, total loss)

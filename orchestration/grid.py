@@ -181,6 +181,10 @@ class TrialSpec:
     cells: list[Cell]
     scheduler: Optional[str] = None
 
+    def cells_text(self) -> str:
+        """Its cells as a person reads them: ``table: row / column; ...``."""
+        return "; ".join(f"{c.table}: {c.row} / {c.column}" for c in self.cells)
+
     def to_dict(self) -> dict:
         return {"digest": self.digest, "config": self.config, "scheduler": self.scheduler,
                 "cells": [c.__dict__ for c in self.cells]}

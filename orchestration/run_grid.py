@@ -76,10 +76,9 @@ def _dry_run(grid: Grid, specs: list[TrialSpec], nodes: list[dict[str, float]], 
         cfg = build(TrainConfig, s.config)
         hours = v100_hours(cfg)
         total += hours
-        cells = "; ".join(f"{c.table}: {c.row} / {c.column}" for c in s.cells)
         r = grid.resources
         res = f"{r.num_workers}x({r.cpus_per_worker:g} CPU{f' + {r.gpus_per_worker:g} GPU' if r.use_gpu else ''})"
-        print(f"{s.digest}  {res}  {cfg.solver.max_iter:>7} it  ~{hours:8.1f} V100-h  {cells}")
+        print(f"{s.digest}  {res}  {cfg.solver.max_iter:>7} it  ~{hours:8.1f} V100-h  {s.cells_text()}")
     print(f"{len(specs)} trials, {sum(len(s.cells) for s in specs)} cells; estimated {total:,.1f} V100-GPU-hours "
           f"(scaled from the paper's Table 7)")
     print(Capacity.of(grid.resources).describe(nodes, where))

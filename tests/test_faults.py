@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from grids import ROOT, run_grid, run_grid_cmd, tiny_grid, wait_for, write_grid
+from orchestration.chaos import train_worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +23,6 @@ def _trial_runs(out, grid):
 def _checkpoints(out, digest=None):
     pattern = f"trial-{digest}/checkpoint_*" if digest else "trial-*/checkpoint_*"
     return sorted((out / "ray_storage").glob(pattern))
-
-
-def _train_workers(driver_pid):
-    """The Ray Train workers of this driver's own local Ray (other Ray instances on the machine are not ours)."""
-    procs = []
-    for p in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in p.cmdline()):
-                procs.append(p)
-        except psutil.Error:
-            continue
-    return procs
 
 
 def _pgid(p):
@@ -63,7 +52,7 @@ def test_killed_worker_resumes_from_its_checkpoint_with_one_clean_run(tmp_path):
     try:
         # two checkpoints in storage: the first is surely registered with the trainer by then
         wait_for(lambda: len(_checkpoints(out)) >= 2, 300, "two checkpoints")
-        victims = wait_for(lambda: _train_workers(proc.pid), 60, "a Ray Train worker process")
+        victims = wait_for(lambda: train_worker_processes(proc.pid), 60, "a Ray Train worker process")
         for v in victims:
             v.send_signal(signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)

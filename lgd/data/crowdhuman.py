@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Annotated, Iterable
 
-from PIL import Image
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict
 
 from lgd.data.check import DataError, check_split_data, read_headers
 from lgd.data.coco import CocoDetection
-from lgd.data.images import ImageHeader
+from lgd.data.images import ImageHeader, copy_as_jpeg
 
 PERSON = "person"  # the one class; every other tag ("mask") is an ignore region
 IMAGES = "Images"
@@ -122,19 +121,10 @@ def write_odgt(coco: dict, image_dir: str | Path, root: str | Path, split: str, 
     """Write images ``image_ids`` of a COCO-style dict in CrowdHuman's layout: ``root/Images/<ID>.jpg`` and one
     line each in ``root/annotation_<split>.odgt`` (every object a person's ``fbox``; iscrowd: ``extra.ignore``)."""
     root = Path(root)
-    (root / IMAGES).mkdir(parents=True, exist_ok=True)
-    images = {im["id"]: im for im in coco["images"]}
-    by_image: dict[int, list] = {}
-    for a in coco["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
     lines = []
-    for image_id in image_ids:
-        im = images[image_id]
-        name = Path(im["file_name"]).stem
-        with Image.open(Path(image_dir) / im["file_name"]) as pic:
-            pic.convert("RGB").save(root / IMAGES / f"{name}.jpg", quality=95)
+    for name, _, anns in copy_as_jpeg(coco, image_dir, image_ids, root / IMAGES):
         boxes = []
-        for i, a in enumerate(by_image.get(image_id, [])):
+        for i, a in enumerate(anns):
             x, y, w, h = (round(float(v), 1) for v in a["bbox"])
             boxes.append({"tag": PERSON, "fbox": [x, y, w, h], "vbox": [x, y, w, h],
                           "hbox": [x + w / 4, y, round(w / 2, 1), round(h / 5, 1)],

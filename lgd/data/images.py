@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -107,3 +108,20 @@ def decode_rgb(path: str | Path) -> np.ndarray:
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")  # PIL's advice for palette transparency; the alpha is dropped below
         return np.asarray(im.convert("RGB"))
+
+
+def copy_as_jpeg(coco: dict, image_dir: str | Path, image_ids: Iterable[int],
+                 dest: Path) -> Iterator[tuple[str, dict, list[dict]]]:
+    """Copy images ``image_ids`` of a COCO-style dict from ``image_dir`` to ``dest/<stem>.jpg`` (RGB); yield each
+    one's stem, image record and annotations (what the VOC and CrowdHuman writers turn into their own files)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    images = {im["id"]: im for im in coco["images"]}
+    by_image: dict[int, list] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for image_id in image_ids:
+        im = images[image_id]
+        name = Path(im["file_name"]).stem
+        with Image.open(Path(image_dir) / im["file_name"]) as pic:
+            pic.convert("RGB").save(dest / f"{name}.jpg", quality=95)
+        yield name, im, by_image.get(image_id, [])

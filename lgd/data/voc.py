@@ -13,10 +13,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from PIL import Image
 
 from lgd.data.check import DataError, check_split_data
 from lgd.data.coco import CocoDetection
+from lgd.data.images import copy_as_jpeg
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -131,26 +131,18 @@ def write_voc(coco: dict, image_dir: str | Path, devkit: str | Path, folder: str
     """Write images ``image_ids`` of a COCO-style dict as ``devkit/folder`` (JPEGImages as JPEG, Annotations as
     XML with 1-based inclusive corners, iscrowd as difficult) and append them to ImageSets/Main/<split>.txt."""
     base = Path(devkit) / folder
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+    for sub in ("Annotations", "ImageSets/Main"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    images = {im["id"]: im for im in coco["images"]}
     names = {c["id"]: c["name"] for c in coco["categories"]}
-    by_image: dict[int, list] = {}
-    for a in coco["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
     listed = []
-    for image_id in image_ids:
-        im = images[image_id]
-        name = Path(im["file_name"]).stem
-        with Image.open(Path(image_dir) / im["file_name"]) as pic:
-            pic.convert("RGB").save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+    for name, im, anns in copy_as_jpeg(coco, image_dir, image_ids, base / "JPEGImages"):
         ann = ET.Element("annotation")
         ET.SubElement(ann, "folder").text = folder
         ET.SubElement(ann, "filename").text = f"{name}.jpg"
         size = ET.SubElement(ann, "size")
         for k, v in (("width", im["width"]), ("height", im["height"]), ("depth", 3)):
             ET.SubElement(size, k).text = str(v)
-        for a in by_image.get(image_id, []):
+        for a in anns:
             x, y, w, h = a["bbox"]
             corners = (round(x) + 1, round(y) + 1, max(round(x + w), round(x) + 1), max(round(y + h), round(y) + 1))
             obj = ET.SubElement(ann, "object")
