@@ -40,6 +40,9 @@ def _grid_dict(name="rep"):
         {"name": "coco", "title": "On the paper's dataset", "paper": "table1", "dataset": "coco", "rows": ROW,
          "columns": ["method"],
          "grid": [{"detector": ["retinanet", "fcos"], **SETTING, "method": ["baseline", "lgd"]}]},
+        {"name": "t2", "paper": "table2", "dataset": "coco", "rows": ["detector", "schedule", "scale"],  # coco's trials
+         "columns": ["method"], "fixed": {"backbone": "resnet50"},
+         "grid": [{"detector": ["retinanet"], "schedule": ["1x"], "scale": ["ss"], "method": ["baseline", "lgd"]}]},
         {"name": "cost", "paper": "table7", "dataset": "shapes", "metric": "wall_clock_h", "rows": ["method"],
          "columns": [], "seeds": 3, "fixed": {"detector": "retinanet", "backbone": "resnet50"},  # t1's RetinaNet runs
          "grid": [{"method": ["baseline", "lgd"], "column_label": "Overall"}]},
@@ -174,6 +177,13 @@ def test_synthetic_results_are_never_beside_the_papers_absolute_numbers(report):
     assert (r["Ours − Baseline"], r["Ours − Baseline (paper)"]) == ("+1.9 (n=1, no test)", "+1.7")
     assert dict(zip(head, _md_row(coco, "FCOS R-50 1x ss")))["Baseline"] == "—"  # never run: missing
     assert float(_csv(out, "coco")[("RetinaNet R-50 1x ss", "Baseline")]["paper"]) == 36.6
+    # Table 2: the comparators (DML, tf-KD, BAN) in their own columns from the paper's numbers, ours beside
+    t2 = (out / "tables" / "t2.md").read_text()
+    r = dict(zip(_md_row(t2, "detector / schedule / scale"), _md_row(t2, "RetinaNet 1x ss")))
+    assert (r["Baseline"], r["DML (paper)"], r["DML − Baseline (paper)"], r["BAN (paper)"], r["Ours"]) == (
+        "36.0", "37.0", "+0.4", "36.8", "37.9")
+    assert not any(k.startswith("tf-KD") for k in r)  # not reported for RetinaNet: no empty column
+    assert _csv(out, "t2")[("RetinaNet 1x ss", "DML")]["status"] == "paper-only"
 
 
 def test_failures_are_listed_with_their_reason_and_run_id(report):
