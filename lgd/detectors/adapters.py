@@ -14,6 +14,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from lgd.detectors.assignment import centre_sampling_assign, iou_assign
 from lgd.detectors.dense_losses import BATCHED_BOX_LOSSES, fcos_losses, retinanet_losses
+from lgd.detectors.rcnn_losses import rcnn_losses
 
 
 class DetectorAdapter:
@@ -122,7 +123,11 @@ class FCOSAdapter(_DenseAdapter):
 
 
 class FasterRCNNAdapter(DetectorAdapter):
-    """Faster R-CNN: RPN and RoI heads both run on the given features."""
+    """Faster R-CNN: RPN and RoI heads both run on the given features.
+
+    Training losses follow torchvision's rules batched over images (lgd.detectors.rcnn_losses); for the pair
+    (Eq. 6) both feature sets run through the heads together, each with its own proposals and samples.
+    """
 
     name = "faster_rcnn"
 
@@ -130,9 +135,10 @@ class FasterRCNNAdapter(DetectorAdapter):
         return nn.ModuleDict({"rpn": self.model.rpn, "roi_heads": self.model.roi_heads})
 
     def losses(self, features, images, targets, heads):
-        proposals, rpn_losses = heads["rpn"](images, features, targets)
-        _, det_losses = heads["roi_heads"](features, proposals, images.image_sizes, targets)
-        return {**rpn_losses, **det_losses}
+        return rcnn_losses([features], images, targets, heads)[0]
+
+    def losses_pair(self, features, instructive, images, targets, heads):
+        return tuple(rcnn_losses([features, instructive], images, targets, heads))
 
     def predict(self, features, images, original_sizes, heads):
         proposals, _ = heads["rpn"](images, features)

@@ -48,6 +48,26 @@ def iou_assign(targets: list[dict], anchors: list[torch.Tensor], high: float, lo
     return list(matches.unbind(0))
 
 
+def balanced_sample(labels: torch.Tensor, group: torch.Tensor, groups: int, per_group: int,
+                    positive_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``BalancedPositiveNegativeSampler`` on every group (image) at once: in each group up to
+    ``per_group * positive_fraction`` positives (labels >= 1) and then negatives (labels == 0) up to ``per_group``,
+    each drawn uniformly at random. ``labels`` and ``group`` are flat; -> (positive, negative) bool masks."""
+    pos, neg = labels >= 1, labels == 0
+    n_pos = torch.zeros(groups, dtype=torch.int64, device=labels.device).index_add_(0, group, pos.to(torch.int64))
+    quota_pos = n_pos.clamp(max=int(per_group * positive_fraction))
+    out = []
+    for mask, quota in ((pos, quota_pos), (neg, per_group - quota_pos)):  # a random rank within the group
+        g = torch.where(mask, group, groups)  # the others sort last, past every group, with quota 0
+        order = torch.argsort(g.to(torch.float64) + torch.rand(len(g), dtype=torch.float64, device=g.device))
+        gs = g[order]
+        rank = torch.arange(len(gs), device=gs.device) - torch.searchsorted(gs, gs)
+        chosen = torch.zeros_like(mask)
+        chosen[order] = rank < torch.cat([quota, quota.new_zeros(1)])[gs]
+        out.append(chosen)
+    return out[0], out[1]
+
+
 def point_box_offsets(points: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """(B, A, 2) points, (B, M, 4) boxes -> (B, A, M, 4) distances to the left, top, right, bottom edges
     (all > 0: the point lies inside the box)."""
