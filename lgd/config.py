@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from pydantic.dataclasses import dataclass
 
-from lgd.typed import ConfigError, build, deep_merge, load_yaml, set_dotted, to_dict
+from lgd.typed import STRICT, ConfigError, Section, build, deep_merge, load_yaml, set_dotted, to_dict
 
 DETECTORS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "atss", "poto")
 BACKBONES = (
@@ -45,8 +46,8 @@ def detector_option_problems(detector: str, options: dict) -> list[tuple[str, st
     return [(k, f"{cls.__name__} takes no option {k!r}") for k in options if k not in allowed]
 
 
-@dataclass
-class SyntheticData:
+@dataclass(config=STRICT)
+class SyntheticData(Section):
     """Parameters of the generated shapes dataset (lgd.data.synthetic)."""
     num_train: int = 48
     num_val: int = 16
@@ -63,8 +64,8 @@ class SyntheticData:
             yield "image_size", "must be >= 32"
 
 
-@dataclass
-class DataConfig:
+@dataclass(config=STRICT)
+class DataConfig(Section):
     """The train/val sets by ``format``: ``coco`` (image folder + instances JSON each), ``voc`` (a VOCdevkit folder
     as ``root``: ``train_sets``/``val_sets`` name <folder>/<ImageSets/Main list>, default the paper's 07+12
     trainval / 07 test) or ``crowdhuman`` (``root`` holding Images/ and annotation_{train,val}.odgt); or, in any
@@ -125,8 +126,8 @@ class DataConfig:
             yield "max_unreadable_fraction", "must be in [0, 1)"
 
 
-@dataclass
-class InputConfig:
+@dataclass(config=STRICT)
+class InputConfig(Section):
     """Resizing (§4.1): short side ``min_size`` (ss), or sampled in [0.8, 1] x min_size (ms: 640..800)."""
     min_size: int = 800
     max_size: int = 1333
@@ -157,8 +158,8 @@ def _optimizer_settings(opt) -> dict:
             "weight_decay": d["weight_decay"] if opt.weight_decay is None else opt.weight_decay}
 
 
-@dataclass
-class SolverConfig:
+@dataclass(config=STRICT)
+class SolverConfig(Section):
     """SGD or AdamW with linear warm-up and step decay (§4.1). Iteration counts are in the paper's units and
     are multiplied by ``iter_scale`` (also the LGD schedule's), so a grid can keep the paper's numbers.
     ``base_lr``/``weight_decay`` left out: the optimizer's own (``OPTIMIZER_DEFAULTS``); ``momentum``: SGD's
@@ -211,8 +212,8 @@ def _check_optimizer(opt):
         yield "momentum", "must be in [0, 1)"
 
 
-@dataclass
-class TeacherOptimizer:
+@dataclass(config=STRICT)
+class TeacherOptimizer(Section):
     """Optimizer settings of the implicit teacher's modules (official configs: like the student's; the Swin-T
     Mask R-CNN's: SGD for the teacher, AdamW for the student). Left out: as ``SolverConfig``."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -227,8 +228,8 @@ class TeacherOptimizer:
         return _optimizer_settings(self)
 
 
-@dataclass
-class LGDConfig:
+@dataclass(config=STRICT)
+class LGDConfig(Section):
     """Switches of the method (§3) and of the paper's ablations (Tables 4-6, Appendices A-B)."""
     enabled: bool = False
     label_encoder: Literal["pointnet", "mlp", "transformer"] = "pointnet"
@@ -261,8 +262,8 @@ class LGDConfig:
                 yield name, "must be >= 0"
 
 
-@dataclass
-class TrainConfig:
+@dataclass(config=STRICT)
+class TrainConfig(Section):
     """One trial: what `python -m lgd.train` and each Ray Train worker run."""
     detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn", "atss", "poto"] = "retinanet"
     backbone: str = "resnet50"
@@ -285,7 +286,7 @@ class TrainConfig:
     def check(self):
         if self.backbone not in BACKBONES:
             yield "backbone", f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"
-        if self.fpn_channels < 8 or self.fpn_channels % self.lgd.num_heads:
+        if self.fpn_channels < 8 or self.fpn_channels % max(1, self.lgd.num_heads):  # num_heads < 1: lgd's problem
             yield "fpn_channels", f"must be >= 8 and a multiple of lgd.num_heads ({self.lgd.num_heads})"
         for key, msg in detector_option_problems(self.detector, self.detector_options):
             yield f"detector_options.{key}", msg

@@ -21,22 +21,22 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import ray.train
+from pydantic.dataclasses import dataclass
 from ray.train.v2._internal.execution.callback import WorkerCallback
 
 from lgd.engine import CHECKPOINT_FILE
-from lgd.typed import ConfigError, build
+from lgd.typed import STRICT, ConfigError, Section, build
 
 PLAN_ENV = "LGD_CHAOS_PLAN"
 _POLL_S = 0.001
 
 
-@dataclass
-class Kill:
+@dataclass(config=STRICT)
+class Kill(Section):
     """One planned worker loss."""
     trial: str
     phase: Literal["start", "train", "checkpoint", "eval", "hang"]

@@ -10,14 +10,14 @@ import copy
 import dataclasses
 import itertools
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import pydantic.dataclasses
 
 from lgd.config import DETECTORS, SyntheticData, TrainConfig
-from lgd.typed import INVALID, ConfigError, build, deep_merge, load_yaml, set_dotted
+from lgd.typed import STRICT, ConfigError, Section, annotation_at, build, deep_merge, load_yaml, set_dotted
 
 # Axis name -> (config path, value -> config value). Any other axis must be a dotted TrainConfig path.
 AXES = {
@@ -49,8 +49,8 @@ def display(axis: str, value: Any) -> str:
     return DISPLAY.get(str(value), str(value))
 
 
-@dataclass
-class Resources:
+@pydantic.dataclasses.dataclass(config=STRICT)
+class Resources(Section):
     """Ray Train ScalingConfig of every trial: workers (DDP ranks) and what each one holds."""
     num_workers: int = 1
     use_gpu: bool = False
@@ -64,8 +64,8 @@ class Resources:
             yield "cpus_per_worker", "must be > 0"
 
 
-@dataclass
-class DatasetSpec:
+@pydantic.dataclasses.dataclass(config=STRICT)
+class DatasetSpec(Section):
     """A dataset by name and ``format``: coco (a root of train2017/, val2017/, annotations/, or explicit paths),
     voc (a VOCdevkit root: VOC2007/, VOC2012/), crowdhuman (a root of Images/ and annotation_*.odgt), or synthetic
     (written in the format)."""
@@ -111,8 +111,8 @@ class DatasetSpec:
             p is not None for p in (self.train_images, self.train_annotations, self.val_images, self.val_annotations))
 
 
-@dataclass
-class TableSpec:
+@pydantic.dataclasses.dataclass(config=STRICT)
+class TableSpec(Section):
     """One table of the paper (or of ours): rows x columns, filled by a union of axis products."""
     name: str
     dataset: str
@@ -131,6 +131,9 @@ class TableSpec:
             yield "name", f"{self.name!r}: use letters, digits, '_', '-', '.' (it names files)"
         if not self.grid:
             yield "grid", "must list at least one product of axes"
+        for key in self.fixed:
+            if key in ("data", "output_dir"):
+                yield f"fixed.{key}", "set by the grid runner, not per table"
         if self.seeds is not None:
             if self.seeds < 1:
                 yield "seeds", "must be >= 1"
@@ -140,8 +143,9 @@ class TableSpec:
                     yield f"{where}.seed", "a table with 'seeds: N' sets the seed itself (0..N-1): drop this seed axis"
 
 
-@dataclass
-class Grid:
+@pydantic.dataclasses.dataclass(config=STRICT)
+class Grid(Section):
+    """A grid file: named tables of trials over datasets, the settings every trial shares, the Ray resources."""
     name: str
     tables: list[TableSpec]
     description: str = ""
@@ -163,6 +167,9 @@ class Grid:
         for det in self.detector_defaults:
             if det not in DETECTORS:
                 yield f"detector_defaults.{det}", f"unknown detector; known: {', '.join(DETECTORS)}"
+        names = [t.name for t in self.tables]
+        for n in sorted({n for n in names if names.count(n) > 1}):
+            yield "tables", f"duplicate table name {n!r}"
 
 
 @dataclass(frozen=True)
@@ -207,14 +214,11 @@ def _check_axis_name(axis: str) -> str | None:
     """None when ``axis`` is an alias or a dotted TrainConfig key that holds a value; else the problem."""
     if axis in AXES:
         return None
-    cls = TrainConfig
-    for part in axis.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
-            return f"unknown axis {axis!r}: neither one of {', '.join(AXES)} nor a config key"
-        tp = typing.get_type_hints(cls)[part]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        cls = tp if dataclasses.is_dataclass(tp) else (args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None)
-    if cls is not None:
+    *sections, key = axis.split(".")
+    section = annotation_at(TrainConfig, tuple(sections))  # through config sections only, not into a mapping
+    if not dataclasses.is_dataclass(section) or key not in {f.name for f in dataclasses.fields(section)}:
+        return f"unknown axis {axis!r}: neither one of {', '.join(AXES)} nor a config key"
+    if dataclasses.is_dataclass(annotation_at(section, (key,))):
         return f"axis {axis!r} is a section of the config, not a value"
     return None
 
@@ -325,17 +329,5 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
 
 def load_grid(path: str | Path) -> Grid:
     data = load_yaml(path)
-    problems: list[str] = []
-    grid = build(Grid, data, "", problems)
-    if grid is not INVALID:
-        names = [t.name for t in grid.tables]
-        for n in {n for n in names if names.count(n) > 1}:
-            problems.append(f"tables: duplicate table name {n!r}")
-        for ti, t in enumerate(grid.tables):
-            for key in t.fixed:
-                if key in ("data", "output_dir"):
-                    problems.append(f"tables[{ti}].fixed.{key}: set by the grid runner, not per table")
-    if problems:
-        raise ConfigError(problems)
-    return grid
+    return build(Grid, data)
 

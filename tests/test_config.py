@@ -89,3 +89,35 @@ def test_new_students_are_known_and_their_options_checked():
     config_from_dict({"detector": "atss", "detector_options": {"topk": 7, "score_thresh": 0.1}})
     with pytest.raises(ConfigError, match="detector_options.alpha"):
         config_from_dict({"detector": "atss", "detector_options": {"alpha": 0.5}})
+
+
+def test_strict_types_yaml_switches_and_rules_beside_type_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("solver: {amp: off, base_lr: 1}\nlgd:\n")  # YAML 1.1: a bare off is false; an empty section
+    cfg = load_config(p)
+    assert cfg.solver.amp == "off" and cfg.solver.base_lr == 1.0 and isinstance(cfg.solver.base_lr, float)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"seed": True, "fpn_channels": 256.0, "solver": {"iter_scale": "0.1", "amp": True},
+                          "input": {"min_size": 8, "multi_scale": 1}, "lgd": {"num_heads": 0, "zz": 1},
+                          "data": {"synthetic": {"num_train": 0}}})
+    assert sorted(e.value.problems) == [
+        "data.synthetic.num_train: must be >= 1",  # nested rules run beside the type errors elsewhere
+        "fpn_channels: expected an integer, got 256.0",
+        "input.multi_scale: expected true/false, got 1",
+        "lgd.num_heads: must be >= 1",  # an unknown key leaves the section's values typed: its rules run
+        "lgd.zz: unknown key; allowed: " + ", ".join(f for f in LGD_KEYS),
+        "seed: expected an integer, got True",
+        "solver.amp: True is not one of 'off', 'bf16', 'fp16'",
+        "solver.iter_scale: expected a number, got '0.1'",
+    ]
+    with pytest.raises(ConfigError) as e:  # only rules and unknown keys below: the trial's own rules run too
+        config_from_dict({"lgd": {"num_heads": 0, "zz": 1}, "eval_teacher": True, "data": {"synthetic": {"seed": "x"}},
+                          "backbone": "resnet7"}, ["data.synthetic.seed=1"])
+    assert [p.split(":")[0] for p in sorted(e.value.problems)] == ["backbone", "eval_teacher", "lgd.num_heads",
+                                                                   "lgd.zz"]
+
+
+LGD_KEYS = ("enabled", "label_encoder", "label_norm", "appearance_pooling", "detach_appearance", "use_context",
+            "segm_masks", "attention_query", "mapper_inputs", "shared_head", "num_heads", "image_level_tnet",
+            "masks_cover_touched_cells", "context_box_per_image", "distill_weight", "distill_start",
+            "distill_stop_before_end", "freeze_backbone_iters", "optimizer")
