@@ -72,7 +72,7 @@ class ConsoleProgress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, failed=True)
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         now = time.time()
         if now - self.last < self.period_s:
             return

@@ -55,6 +55,8 @@ def parse_args(argv):
     p.add_argument("--verbose", action="store_true",
                    help="print Tune's status tables and every worker's output here (default: one compact view; "
                         "the workers' output stays in Ray's log files)")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="S",
+                   help="seconds between the console's status lines (trials, iterations, losses, ETA)")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=ROOT", help="root folder of a dataset")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest invocation's parent run (finished cells are skipped regardless)")
@@ -206,7 +208,7 @@ def run(grid: Grid, specs: list[TrialSpec], args, out: Path, tracker: Tracker, c
         recorder = MLflowRecorder(tracker, grid.name, parent, {"lgd.grid_file": str(args.grid),
                                                                 "lgd.git_commit": _git_commit()}, resources)
         console = ConsoleProgress(todo, {s.digest: build(TrainConfig, s.config).solver.max_iter for s in todo},
-                                  recorder.run_ids.get)
+                                  recorder.run_ids.get, period_s=args.status_every)
         if not args.verbose:
             print(f"workers' output: {_worker_logs()} (--verbose prints it here)", flush=True)
         for sched in sorted({s.scheduler or "" for s in todo}):
@@ -261,6 +263,9 @@ def _worker_logs() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:  # the console's own lines say it: a trial's run id, and not Tune's slow-callback notes
+        logging.getLogger("lgd.trial").setLevel(logging.WARNING)
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
     # fail fast on an unreachable server; our Tracker retries with back-off itself
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -99,5 +99,7 @@ def test_grouped_nms_equals_batched_nms():
     xy = torch.rand(3000, 2, generator=g) * 300
     boxes = torch.cat([xy, xy + torch.rand(3000, 2, generator=g) * 60 + 1], 1)
     scores = torch.rand(3000, generator=g)
-    groups = torch.randint(0, 12, (3000,), generator=g)
-    assert torch.equal(grouped_nms(boxes, scores, groups, 0.7), batched_nms(boxes, scores, groups, 0.7))
+    image, level = torch.randint(0, 4, (3000,), generator=g), torch.randint(0, 5, (3000,), generator=g)
+    ref = batched_nms(boxes, scores, image * 5 + level, 0.7)
+    for per_level in (False, True):  # a CPU's default, a GPU's default
+        assert torch.equal(grouped_nms(boxes, scores, image, level, 5, 0.7, per_level=per_level), ref)

@@ -33,7 +33,7 @@ def finished_grid(tmp_path_factory):
     path = write_grid(tmp, grid)
     out = tmp / "out"
     t0 = time.time()
-    first = run_grid(path, out)
+    first = run_grid(path, out, "--status-every", "1")
     elapsed = time.time() - t0
     second = run_grid(path, out)
     return path, out, first, second, elapsed
@@ -104,6 +104,9 @@ def test_console_shows_one_compact_view(finished_grid):
         assert re.search(rf"\] start +trial-{digest}  cmp: RetinaNet / ", text)
         assert re.search(rf"\] done +trial-{digest}  MLflow run {r.info.run_id}", text)
     assert re.search(r"\] FAILED +trial-\w+  MLflow run \w+", text)  # the diverging trial
+    # the status line (every second here): counts, each running trial's iteration of its total and loss
+    assert re.search(r"\] \d+ done, \d+ running, \d+ pending, \d+ failed \| trial-\w{8} \d+/\d+ loss \d", text), text
+    assert "lgd.trial INFO" not in text and "may be a performance bottleneck" not in text
 
 
 def test_second_run_of_a_completed_grid_launches_nothing(finished_grid):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import nms, roi_align
+from torchvision.ops import batched_nms, nms, roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from lgd.detectors.assignment import balanced_sample, batched_box_iou, iou_assign, pad_boxes
@@ -33,13 +33,22 @@ def _concat_sets(feature_sets: list[OrderedDict]) -> OrderedDict:
     return OrderedDict((k, torch.cat([fs[k] for fs in feature_sets])) for k in feature_sets[0])
 
 
-def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
-    """NMS within each group at once (boxes of different groups moved apart; in float64, so that the offsets
-    cost no precision): the kept indices by decreasing score, as ``torchvision.ops.batched_nms``."""
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    offsets = groups.to(torch.float64) * (boxes.max().to(torch.float64) + 1)
-    return nms(boxes.to(torch.float64) + offsets[:, None], scores.to(torch.float64), threshold)
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, level: torch.Tensor,
+                levels: int, threshold: float, per_level: bool | None = None) -> torch.Tensor:
+    """NMS within each (image, level): the kept indices by decreasing score, as ``torchvision.ops.batched_nms``.
+    By default on a CPU, where the arithmetic counts, one NMS per (image, level) (torchvision's own loop); on a
+    GPU, where the launches count, ``per_level``: one per level over every image (the images' boxes moved apart)."""
+    if per_level is None:
+        per_level = boxes.device.type != "cpu"
+    if not per_level or boxes.numel() == 0:
+        return batched_nms(boxes, scores, image * levels + level, threshold)
+    offsets = image.to(boxes) * (boxes.max() + 1)
+    keep = []
+    for lvl in range(levels):
+        idx = torch.where(level == lvl)[0]
+        keep.append(idx[nms(boxes[idx] + offsets[idx, None], scores[idx], threshold)])
+    keep = torch.cat(keep)
+    return keep[scores[keep].argsort(descending=True)]
 
 
 def _first_per_group(groups: torch.Tensor, order: torch.Tensor, n: int) -> torch.Tensor:
@@ -68,7 +77,7 @@ def filter_proposals(rpn: nn.Module, proposals: torch.Tensor, objectness: torch.
     keep = (wh >= rpn.min_size).all(dim=2) & (scores >= rpn.score_thresh)
     image = torch.arange(n, device=boxes.device)[:, None].expand_as(scores)
     boxes, scores, image, level = boxes[keep], scores[keep], image[keep], level[keep]
-    kept = grouped_nms(boxes, scores, image * len(per_level) + level, rpn.nms_thresh)
+    kept = grouped_nms(boxes, scores, image, level, len(per_level), rpn.nms_thresh)
     kept = _first_per_group(image, kept, rpn.post_nms_top_n())
     return boxes[kept], image[kept]
 
