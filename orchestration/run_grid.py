@@ -263,9 +263,11 @@ def _worker_logs() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.verbose:  # the console's own lines say it: a trial's run id, and not Tune's slow-callback notes
-        logging.getLogger("lgd.trial").setLevel(logging.WARNING)
+    if not args.verbose:  # the console's own lines say it: a trial's run id; not Tune's slow-callback notes,
+        logging.getLogger("lgd.trial").setLevel(logging.WARNING)  # experiment banner and result-file notes
         os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's reporter that stays silent at verbose=0
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
     # fail fast on an unreachable server; our Tracker retries with back-off itself
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -2,11 +2,13 @@
 the batched sampler keeps torchvision's quotas and draws uniformly; grouped NMS is batched_nms."""
 import pytest
 import torch
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import batched_nms
 
 from lgd.detectors import build_detector
 from lgd.detectors.assignment import balanced_sample
 from lgd.detectors.rcnn_losses import filter_proposals, grouped_nms
+from pair_losses import assert_pair_is_each_alone
 
 K = 4
 EVERYTHING = 10 ** 7  # a sampler quota above every anchor and proposal: sampling is then deterministic
@@ -53,7 +55,6 @@ def test_losses_and_proposals_equal_torchvisions(detector, counts):
     with torch.no_grad():
         objectness, deltas = model.rpn.head(list(feats.values()))
         per_level = [o[0].numel() for o in objectness]
-        from torchvision.models.detection.rpn import concat_box_prediction_layers
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         anchors = model.rpn.anchor_generator(images, list(feats.values()))
         decoded = model.rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
@@ -65,13 +66,7 @@ def test_losses_and_proposals_equal_torchvisions(detector, counts):
         torch.testing.assert_close(mine[torch.argsort(mine[:, 0] * 1e4 + mine[:, 1])],
                                    ref_boxes[torch.argsort(ref_boxes[:, 0] * 1e4 + ref_boxes[:, 1])])
 
-    # both feature sets in one pass: each set's own losses
-    other = {k: v * 0.5 + 0.1 for k, v in feats.items()}
-    student, tea = adapter.losses_pair(feats, other, images, targets, adapter.heads())
-    alone = adapter.losses(other, images, targets, adapter.heads())
-    for k in ref:
-        torch.testing.assert_close(student[k], ours[k], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(tea[k], alone[k], rtol=1e-4, atol=1e-6)
+    student = assert_pair_is_each_alone(adapter, feats, images, targets, ours, rtol=1e-4)  # both sets, one pass
     sum(student.values()).backward()  # every parameter of the heads gets a gradient
     assert all(p.grad is not None for p in adapter.heads().parameters())
 

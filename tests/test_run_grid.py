@@ -107,6 +107,7 @@ def test_console_shows_one_compact_view(finished_grid):
     # the status line (every second here): counts, each running trial's iteration of its total and loss
     assert re.search(r"\] \d+ done, \d+ running, \d+ pending, \d+ failed \| trial-\w{8} \d+/\d+ loss \d", text), text
     assert "lgd.trial INFO" not in text and "may be a performance bottleneck" not in text
+    assert "Configuration for experiment" not in text and "View detailed results here" not in text
 
 
 def test_second_run_of_a_completed_grid_launches_nothing(finished_grid):
