@@ -236,6 +236,7 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
         if require_data and not ds.has_location():
             problems.append(f"datasets.{name}: no path; set its root in the grid or pass --dataset {name}=/path/to/root")
     trials: dict[str, TrialSpec] = {}
+    in_trials: dict[str, list[str]] = {}  # a trial config's problem -> the trials that have it (once, not per trial)
     for ti, table in enumerate(grid.tables):
         tpath = f"tables[{ti}]"
         if table.dataset not in grid.datasets:
@@ -245,32 +246,33 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
         for bi, block in enumerate(table.grid):
             block = dict(block)  # the labels are taken out below; the grid itself stays as loaded
             bpath = f"{tpath}.grid[{bi}]"
-            bad = False
+            bad = False  # a broken product still builds its trials' configs, for their problems, without the bad axes
             fixed_labels = {k: block.pop(k) for k in ("row_label", "column_label") if k in block}
             for k, v in fixed_labels.items():
                 if not isinstance(v, str):
                     problems.append(f"{bpath}.{k}: expected a string, got {v!r}")
                     bad = True
-            for axis, values in block.items():
+            for axis, values in list(block.items()):
                 if not isinstance(values, list):
                     problems.append(f"{bpath}.{axis}: expected a list of values, got {values!r}")
                     bad = True
+                    del block[axis]
                     continue
                 msg = _check_axis_name(axis)
                 if msg:
                     problems.append(f"{bpath}.{axis}: {msg}")
                     bad = True
+                    del block[axis]
                 elif not values:
                     problems.append(f"{bpath}.{axis}: empty axis (list at least one value)")
                     bad = True
+                    del block[axis]
             for kind, names in (("row", table.rows), ("column", table.columns)):
                 for axis in names:
                     if axis not in block and f"{kind}_label" not in fixed_labels:
                         problems.append(f"{bpath}: {kind} axis {axis!r} is not set in this product "
                                         f"(give it, or a {kind}_label)")
                         bad = True
-            if bad:
-                continue
             axes = list(block)
             for combo in itertools.product(*(block[a] for a in axes)):
                 values = dict(zip(axes, combo))
@@ -303,7 +305,10 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                 try:
                     cfg = build(TrainConfig, data)
                 except ConfigError as e:
-                    problems.extend(f"{bpath} ({label}): {p}" for p in e.problems)
+                    for p in e.problems:
+                        in_trials.setdefault(p, []).append(f"{bpath} ({label})")
+                    continue
+                if bad:
                     continue
                 row = fixed_labels.get("row_label") or " ".join(display(a, values[a]) for a in table.rows)
                 col = fixed_labels.get("column_label") or (" ".join(display(a, values[a]) for a in table.columns)
@@ -322,6 +327,8 @@ def expand(grid: Grid, dataset_roots: dict[str, str] | None = None, require_data
                     elif table.scheduler and spec.scheduler != table.scheduler:
                         spec.scheduler = None  # a cell needs the full run: no early stopping for it
                     spec.cells.append(Cell(table.name, row, col, len(seen)))
+    for p, where in in_trials.items():  # e.g. a bad default: named once, with the first trial it breaks
+        problems.append(f"{where[0]}: {p}" + (f" (and {len(where) - 1} more trial{'s' * (len(where) > 2)})" if len(where) > 1 else ""))
     if problems:
         raise ConfigError(problems)
     return list(trials.values())

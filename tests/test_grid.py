@@ -74,6 +74,23 @@ def test_every_problem_is_reported_with_its_key_path(tmp_path):
     assert "tables[3].grid[1] (seed=1, method=lgd, lgd.num_heads=8): duplicate cell row '1', column 'Ours'" in text
 
 
+def test_a_bad_default_is_named_once_also_beside_a_broken_axis(tmp_path):
+    bad = {**BASE, "defaults": {**BASE.get("defaults", {}), "solver": {"base_lr": "fast"}},
+           "tables": [{"name": "a", "dataset": "shapes", "rows": ["detector"], "columns": ["method"],
+                       "grid": [{"detector": ["retinanet", "fcos"], "method": ["baseline", "lgd"]},
+                                {"detector": ["retinanet"], "method": ["lgd"], "lgd.nope": [1],
+                                 "row_label": "x"}]}]}
+    with pytest.raises(ConfigError) as e:
+        expand(load_grid(_grid(tmp_path, bad)), require_data=False)
+    # once, with the first trial it breaks and how many more (the broken product's trial is checked without
+    # its unknown axis, so one run shows both problems)
+    assert e.value.problems == [
+        "tables[0].grid[1].lgd.nope: unknown axis 'lgd.nope': neither one of detector, backbone, schedule, scale, "
+        "method, lambda, seed nor a config key",
+        "tables[0].grid[0] (detector=retinanet, method=baseline): solver.base_lr: expected a number, got 'fast' "
+        "(and 4 more trials)"], e.value.problems
+
+
 def test_dataset_root_from_the_command_line(tmp_path):
     g = load_grid(_grid(tmp_path, {**BASE, "tables": [{**BASE["tables"][0], "dataset": "coco"}]}))
     specs = expand(g, {"coco": "/data/coco"})
