@@ -33,8 +33,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="data.loader_workers (default: the engine's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    out = tempfile.mkdtemp(prefix="lgd-throughput-")
     log_period = 10
+    if args.iters < 3 * log_period:  # the loop's time comes from the logged windows after the first
+        p.error(f"--iters {args.iters}: at least {3 * log_period} (the loop is timed over logged windows of "
+                f"{log_period} iterations, the first one left out)")
+    out = tempfile.mkdtemp(prefix="lgd-throughput-")
     cfg = config_from_dict({
         "detector": args.detector, "backbone": args.backbone, "fpn_channels": args.channels, "device": args.device,
         "data": {"synthetic": {"num_train": 256, "num_val": 8, "image_size": args.size, "num_classes": 5},
