@@ -2,9 +2,19 @@
 into one canvas with zero rows/columns between them, so that a layer shared by all levels runs once."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def concat_sets(feature_sets: list[dict]) -> OrderedDict:
+    """Several feature sets of the same batch (the student's, the instructive), each level concatenated along
+    the batch: one head pass serves them all."""
+    if len(feature_sets) == 1:
+        return OrderedDict(feature_sets[0])
+    return OrderedDict((k, torch.cat([fs[k] for fs in feature_sets])) for k in feature_sets[0])
 
 
 class PyramidLayout:

@@ -15,6 +15,7 @@ from torchvision.models.detection.image_list import ImageList
 from lgd.detectors.assignment import centre_sampling_assign, iou_assign
 from lgd.detectors.dense_losses import BATCHED_BOX_LOSSES, fcos_losses, retinanet_losses
 from lgd.detectors.rcnn_losses import rcnn_losses
+from lgd.pyramid import concat_sets
 
 
 class DetectorAdapter:
@@ -66,11 +67,11 @@ class _DenseAdapter(DetectorAdapter):
         raise NotImplementedError
 
     def _losses(self, feature_sets: list[OrderedDict], images, targets, heads) -> list[dict]:
-        levels = [list(fs.values()) for fs in feature_sets]
-        feats = [torch.cat(group) if len(group) > 1 else group[0] for group in zip(*levels)]
+        feats = list(concat_sets(feature_sets).values())
+        first = list(feature_sets[0].values())
         out = heads(feats)
-        anchors = self.model.anchor_generator(images, levels[0])
-        matched = self.assign(targets, anchors, levels[0])
+        anchors = self.model.anchor_generator(images, first)
+        matched = self.assign(targets, anchors, first)
         return self.set_losses(heads, targets, out, anchors, matched, len(feature_sets))
 
     def set_losses(self, heads, targets, out, anchors, matched, sets: int) -> list[dict]:

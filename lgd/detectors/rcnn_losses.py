@@ -19,18 +19,13 @@ from torchvision.ops import batched_nms, nms, roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from lgd.detectors.assignment import balanced_sample, batched_box_iou, iou_assign, pad_boxes
+from lgd.pyramid import concat_sets
 
 
 def _per_set_mean(values: torch.Tensor, set_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(S,) sums of ``values`` by set over ``counts`` (a set with nothing counted: 0)."""
     sums = values.new_zeros(counts.shape[0]).index_add_(0, set_idx, values)
     return sums / counts.clamp(min=1)
-
-
-def _concat_sets(feature_sets: list[OrderedDict]) -> OrderedDict:
-    if len(feature_sets) == 1:
-        return feature_sets[0]
-    return OrderedDict((k, torch.cat([fs[k] for fs in feature_sets])) for k in feature_sets[0])
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, level: torch.Tensor,
@@ -222,7 +217,7 @@ def rcnn_losses(feature_sets: list[OrderedDict], images: ImageList, targets: lis
                 heads: nn.ModuleDict) -> list[dict[str, torch.Tensor]]:
     """One loss dict per feature set, the keys of torchvision's ``GeneralizedRCNN`` in training."""
     sets = len(feature_sets)
-    features = _concat_sets(feature_sets)
+    features = concat_sets(feature_sets)
     obj, rpn_box, proposals, image = rpn_losses(heads["rpn"], features, images, targets, sets)
     roi = roi_losses(heads["roi_heads"], features, proposals, image, images, targets, sets)
     per_term = {"loss_objectness": obj, "loss_rpn_box_reg": rpn_box, **roi}
