@@ -17,6 +17,7 @@ BACKBONES = (
     "resnet18", "resnet50", "resnet101", "resnext101_32x8d",
     "resnet18_dcn", "resnet50_dcn", "resnet101_dcn", "resnext101_32x8d_dcn", "swin_t",
 )
+DETECTRON2_DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")  # the paper's own, from detectron2's model zoo
 # §4.1: 1x = 90k iterations, lr /10 at 60k and 80k; 2x = 180k (120k, 160k); 3x = 270k (210k, 250k).
 SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000)), "3x": (270_000, (210_000, 250_000))}
 # Official LGD configs: context object for the dense detectors, detached appearance for the R-CNNs.
@@ -30,10 +31,15 @@ DETECTOR_DEFAULTS = {
 }
 
 
-def detector_option_problems(detector: str, options: dict) -> list[tuple[str, str]]:
-    """Keys of ``detector_options`` that the (torchvision or lgd) constructor of ``detector`` does not take."""
+def detector_option_problems(detector: str, options: dict, backend: str = "torchvision") -> list[tuple[str, str]]:
+    """Keys of ``detector_options`` that the (torchvision or lgd) constructor of ``detector`` does not take
+    (backend detectron2: keys that are not detectron2 config keys of the detector's model-zoo config)."""
     if not options:  # nothing to check: no torch/torchvision import (the report's path stays light)
         return []
+    if backend == "detectron2":
+        from lgd.detectors.detectron2 import option_problems
+
+        return option_problems(detector, options)
     import inspect
 
     from lgd.detectors.registry import MODEL_CLASSES
@@ -132,6 +138,9 @@ class InputConfig(Section):
     min_size: int = 800
     max_size: int = 1333
     multi_scale: bool = False
+    # training images flipped left-right at random (p 0.5) with their boxes and masks, as detectron2's default
+    # mapper does (RandomFlip after the resize); baseline and LGD alike. Evaluation never flips.
+    horizontal_flip: bool = True
 
     def check(self):
         if self.min_size < 16:
@@ -175,6 +184,10 @@ class SolverConfig(Section):
     warmup_factor: float = 0.001
     gamma: float = 0.1
     checkpoint_period: int = 5000
+    # the reference's base configs: every gradient element clipped to ±1.0 (detectron2's CLIP_TYPE "value"),
+    # each optimizer (student, teacher) on its own; None: no element clipping
+    clip_grad_value: Optional[float] = 1.0
+    # global-norm clipping, applied per optimizer (the student's parameters, then the teacher's), not over both
     clip_grad_norm: Optional[float] = None
     amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (autocast); fp16 with a grad scaler
 
@@ -186,6 +199,9 @@ class SolverConfig(Section):
         yield from _check_optimizer(self)
         if self.checkpoint_period < 1:
             yield "checkpoint_period", "must be >= 1"
+        for name in ("clip_grad_value", "clip_grad_norm"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                yield name, "must be > 0 (or null: off)"
 
     def settings(self) -> dict:
         """optimizer, base_lr, momentum, weight_decay with the optimizer's defaults filled in."""
@@ -203,6 +219,13 @@ class SolverConfig(Section):
         return tuple(self.scaled(m) for m in SCHEDULES[self.schedule][1])
 
 
+# The reference freezes the student's trunk for PRE_FREEZE_STUDENT_BACKBONE_ITERS: its code's default 10k (the
+# 1x configs), 20k in the released 2x/3x configs; paper units, scaled by iter_scale like the rest.
+FREEZE_ITERS = {"1x": 10_000, "2x": 20_000, "3x": 20_000}
+# FCOS's context object: off in the released R-50 FCOS config, on from R-101 up
+FCOS_CONTEXT_BACKBONES = ("resnet101", "resnet101_dcn", "resnext101_32x8d", "resnext101_32x8d_dcn")
+
+
 def _check_optimizer(opt):
     if opt.base_lr is not None and opt.base_lr <= 0:
         yield "base_lr", "must be > 0"
@@ -215,7 +238,8 @@ def _check_optimizer(opt):
 @dataclass(config=STRICT)
 class TeacherOptimizer(Section):
     """Optimizer settings of the implicit teacher's modules (official configs: like the student's; the Swin-T
-    Mask R-CNN's: SGD for the teacher, AdamW for the student). Left out: as ``SolverConfig``."""
+    Mask R-CNN's: SGD for the teacher, AdamW for the student). A left-out ``base_lr``/``weight_decay`` is the
+    student's (``solver``) where both use the same optimizer, else this optimizer's default."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: Optional[float] = None
     momentum: float = 0.9
@@ -248,8 +272,14 @@ class LGDConfig(Section):
     context_box_per_image: bool = False  # the context object spans its image, not the whole padded batch
     distill_weight: float = 1.0  # λ of Eq. 7
     distill_start: int = 30_000
+    # the last distill_stop_before_end iterations: the distillation loss is kept with the student detached (the
+    # reference's POST_NONDISTILL_ITERS): the adaptation head and, through its own losses, the teacher still learn
     distill_stop_before_end: int = 0
-    freeze_backbone_iters: int = 20_000
+    # the student's trunk (ResNet/Swin stages) gets no gradient for the first freeze_backbone_iters;
+    # None: the reference's, 10k for 1x, 20k for 2x/3x (FREEZE_ITERS)
+    freeze_backbone_iters: Optional[int] = None
+    # what is frozen: "trunk" (the reference's student.raw_backbone) or "backbone" (trunk + FPN + P6/P7, as before)
+    freeze_scope: Literal["trunk", "backbone"] = "trunk"
     optimizer: TeacherOptimizer = field(default_factory=TeacherOptimizer)
 
     def check(self):
@@ -258,7 +288,7 @@ class LGDConfig(Section):
         if self.num_heads < 1:
             yield "num_heads", "must be >= 1"
         for name in ("distill_start", "distill_stop_before_end", "freeze_backbone_iters"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 yield name, "must be >= 0"
 
 
@@ -266,6 +296,8 @@ class LGDConfig(Section):
 class TrainConfig(Section):
     """One trial: what `python -m lgd.train` and each Ray Train worker run."""
     detector: Literal["retinanet", "fcos", "faster_rcnn", "mask_rcnn", "atss", "poto"] = "retinanet"
+    # the detection library: torchvision's detectors (default), or detectron2's (the paper's; installed from source)
+    backend: Literal["torchvision", "detectron2"] = "torchvision"
     backbone: str = "resnet50"
     weights: Optional[str] = None  # backbone weights: a state_dict path or a torchvision enum name
     fpn_channels: int = 256  # FPN width = LGD embedding width (paper: 256; small values for CPU tests)
@@ -288,10 +320,13 @@ class TrainConfig(Section):
             yield "backbone", f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"
         if self.fpn_channels < 8 or self.fpn_channels % max(1, self.lgd.num_heads):  # num_heads < 1: lgd's problem
             yield "fpn_channels", f"must be >= 8 and a multiple of lgd.num_heads ({self.lgd.num_heads})"
-        for key, msg in detector_option_problems(self.detector, self.detector_options):
+        for key, msg in detector_option_problems(self.detector, self.detector_options, self.backend):
             yield f"detector_options.{key}", msg
         if self.log_period < 1:
             yield "log_period", "must be >= 1"
+        if self.backend == "detectron2" and self.detector not in DETECTRON2_DETECTORS:
+            yield "detector", (f"backend detectron2 has {', '.join(DETECTRON2_DETECTORS)}; {self.detector} is "
+                               f"torchvision's only")
         if self.detector == "mask_rcnn" and self.data.format != "coco":
             yield "detector", f"mask_rcnn needs instance masks, which data.format {self.data.format} does not have"
         if self.lgd.segm_masks and self.detector != "mask_rcnn":
@@ -305,7 +340,27 @@ class TrainConfig(Section):
     @property
     def use_context(self) -> bool:
         v = self.lgd.use_context
-        return DETECTOR_DEFAULTS[self.detector]["use_context"] if v is None else v
+        if v is not None:
+            return v
+        if self.detector == "fcos":  # the released FCOS configs: no context box for R-50, context from R-101 up
+            return self.backbone in FCOS_CONTEXT_BACKBONES
+        return DETECTOR_DEFAULTS[self.detector]["use_context"]
+
+    @property
+    def freeze_backbone_iters(self) -> int:
+        """Iterations (paper units) the student's trunk stays frozen (``lgd.freeze_backbone_iters`` or the
+        reference's default for the schedule)."""
+        v = self.lgd.freeze_backbone_iters
+        return FREEZE_ITERS[self.solver.schedule] if v is None else v
+
+    def teacher_optimizer_settings(self) -> dict:
+        """The teacher's optimizer, lr and weight decay: a left-out lr or decay is the student's where both use
+        the same optimizer (the reference configs set them equal), else the teacher optimizer's default."""
+        t, student = self.lgd.optimizer, self.solver.settings()
+        out = t.settings()
+        if t.optimizer == student["optimizer"]:
+            out.update({k: student[k] for k in ("base_lr", "weight_decay") if getattr(t, k) is None})
+        return out
 
     @property
     def detach_appearance(self) -> bool:
@@ -338,10 +393,13 @@ class TrainConfig(Section):
         # a left-out lr or decay is the optimizer's default (the same trial as one giving it); SGD, as before
         # the optimizer key existed: the digests of SGD trials stay the same
         sections = [d["solver"]] + ([d["lgd"]["optimizer"]] if self.lgd.enabled else [])
-        for section, opt in zip(sections, (self.solver, self.lgd.optimizer)):
-            section.update(opt.settings())
+        for section, settings in zip(sections, (self.solver.settings(), self.teacher_optimizer_settings())):
+            section.update(settings)
             if section["optimizer"] == "sgd":
                 section.pop("optimizer")
+        if self.lgd.enabled:  # resolved: a left-out value and the value it stands for are the same trial
+            d["lgd"]["freeze_backbone_iters"] = self.freeze_backbone_iters
+            d["lgd"]["use_context"] = self.use_context
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -17,18 +17,19 @@ from lgd.teacher import ImplicitTeacher
 
 @dataclass(frozen=True)
 class Phase:
-    """Where an iteration sits in the LGD schedule."""
-    student_detached: bool  # before distill_start: only the adaptation head learns from Eq. 5
-    distill_on: bool  # off during the last distill_stop_before_end iterations
-    backbone_frozen: bool  # student backbone gradients dropped for the first freeze_backbone_iters
+    """Where an iteration sits in the LGD schedule (the reference's distill_flag and backbone freeze)."""
+    # before distill_start and in the last distill_stop_before_end iterations: Eq. 5 is computed on the detached
+    # student features, so only the adaptation head learns from it (the reference's DISTILL_OFF)
+    student_detached: bool
+    backbone_frozen: bool  # the student's trunk gets no gradient for the first freeze_backbone_iters
 
 
 def schedule_phase(cfg: TrainConfig, iteration: int) -> Phase:
     s = cfg.solver
+    last = s.max_iter - s.scaled(cfg.lgd.distill_stop_before_end)  # the last N iterations (the reference: N - 1)
     return Phase(
-        student_detached=iteration < s.scaled(cfg.lgd.distill_start),
-        distill_on=iteration < s.max_iter - s.scaled(cfg.lgd.distill_stop_before_end),
-        backbone_frozen=iteration < s.scaled(cfg.lgd.freeze_backbone_iters),
+        student_detached=iteration < s.scaled(cfg.lgd.distill_start) or iteration >= last,
+        backbone_frozen=iteration < s.scaled(cfg.freeze_backbone_iters),
     )
 
 
@@ -62,17 +63,22 @@ class Distiller(nn.Module):
             self.teacher_heads = None if lc.shared_head else copy.deepcopy(adapter.heads())
 
     def export(self) -> nn.Module:
-        """The plain torchvision detector: everything LGD added is dropped at inference."""
+        """The plain detector (torchvision's or detectron2's): everything LGD added is dropped at inference."""
         return self.detector
 
     def teacher_parameters(self) -> list[nn.Parameter]:
+        """What the teacher's optimizer trains: the implicit teacher (and an unshared head copy, Table 6(b)).
+        The adaptation head trains with the student, in the student's optimizer, as the reference's."""
         if not self.lgd:
             return []
-        mods = [self.teacher, self.adaptation] + ([self.teacher_heads] if self.teacher_heads is not None else [])
+        mods = [self.teacher] + ([self.teacher_heads] if self.teacher_heads is not None else [])
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.detector.backbone.parameters() if p.requires_grad]
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """What the LGD schedule freezes first (``lgd.freeze_scope``): the student's trunk (the reference's
+        ``student.raw_backbone``), or its whole backbone with the FPN and extra levels."""
+        module = self.adapter.trunk() if self.cfg.lgd.freeze_scope == "trunk" else self.detector.backbone
+        return [p for p in module.parameters() if p.requires_grad]
 
     def _heads(self):
         return self.teacher_heads if self.teacher_heads is not None else self.adapter.heads()
@@ -114,15 +120,22 @@ class Distiller(nn.Module):
             losses = self.adapter.losses(features, images, targets, self.adapter.heads())
             tea = self.adapter.losses(inst, images, targets, self.teacher_heads)
         losses.update({f"{k}.tea": v for k, v in tea.items()})
-        if phase.distill_on:
-            student = self.adaptation(canvas.detach() if phase.student_detached else canvas, layout)
-            losses["distill"] = distillation_loss(student, inst_canvas, layout)
+        student = self.adaptation(canvas.detach() if phase.student_detached else canvas, layout)
+        losses["distill"] = distillation_loss(student, inst_canvas, layout)
         return losses
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 7: detection losses (student and instructive) + λ · distillation."""
         lam = self.cfg.lgd.distill_weight
         return sum(v * lam if k == "distill" else v for k, v in losses.items())
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> list[dict]:
+        """The student's detections (boxes, labels, scores[, masks]) at each image's own size, as a torchvision
+        detector returns them, whatever the backend."""
+        original = [tuple(im.shape[-2:]) for im in images]
+        images, _ = self.adapter.preprocess(images, None)
+        return self.adapter.predict(self.adapter.features(images), images, original, self.adapter.heads())
 
     @torch.no_grad()
     def predict_teacher(self, images: list[torch.Tensor], targets: list[dict]) -> list[dict]:

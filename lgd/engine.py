@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lgd.config import TrainConfig
 from lgd.data.coco import CocoDetection, DataError, UnreadableImages, collate_checked
+from lgd.data.flip import FlippedSubset
 from lgd.data.formats import load_splits
 from lgd.detectors import build_detector
 from lgd.distiller import Distiller, schedule_phase
@@ -99,17 +100,21 @@ def _torch_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def build_optimizer(cfg: TrainConfig, model: Distiller):
-    """SGD (§4.1) or AdamW (``solver.optimizer``; the teacher's ``lgd.optimizer.optimizer``), the teacher modules
-    in their own group; warm-up + step decay for both. Weight decay on every parameter, as with SGD."""
+    """SGD (§4.1) or AdamW (``solver.optimizer``; the teacher's ``lgd.optimizer.optimizer``): the student's
+    optimizer holds the student detector and the adaptation head, the teacher's the implicit teacher (the
+    reference's two optimizers; as param groups of one torch optimizer where both are of one kind, each group
+    tagged ``role`` student / teacher); warm-up + step decay for both. Weight decay on every parameter."""
     teacher = {id(p) for p in model.teacher_parameters()}
     student = [p for p in model.parameters() if p.requires_grad and id(p) not in teacher]
     s = cfg.solver
-    sections = [(student, s.settings())] + ([(model.teacher_parameters(), cfg.lgd.optimizer.settings())] if teacher
-                                            else [])
+    sections = [("student", student, s.settings())]
+    if teacher:
+        sections.append(("teacher", model.teacher_parameters(), cfg.teacher_optimizer_settings()))
     by_kind: dict[str, list[dict]] = {}
-    for params, o in sections:
+    for role, params, o in sections:
         by_kind.setdefault(o["optimizer"], []).append(
-            {"params": params, "lr": o["base_lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]})
+            {"params": params, "lr": o["base_lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"],
+             "role": role})
     opts = [_torch_optimizer(kind, groups) for kind, groups in by_kind.items()]
     opt = opts[0] if len(opts) == 1 else JointOptimizer(opts)
     warmup, milestones = s.scaled(s.warmup_iters), s.milestones
@@ -133,17 +138,29 @@ def loss_values(losses: dict[str, torch.Tensor], total: torch.Tensor) -> dict[st
     return dict(zip([*losses, "total_loss"], values))
 
 
+def clip_gradients(groups: list[dict], value: float | None, norm: float | None) -> None:
+    """The reference's clipping, each optimizer on its own: every gradient element to ±``value`` (detectron2's
+    CLIP_TYPE "value"), then the global norm of each role's gradients (student, teacher) to ``norm``."""
+    by_role: dict[str, list[torch.Tensor]] = {}
+    for g in groups:
+        by_role.setdefault(g.get("role", "student"), []).extend(p for p in g["params"] if p.grad is not None)
+    for params in by_role.values():
+        if value is not None:
+            torch.nn.utils.clip_grad_value_(params, value, foreach=True)
+        if norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, norm, foreach=True)
+
+
 class TrainingStep:
     """One optimisation step: forward under ``solver.amp`` autocast, one finite check (the step's only host
-    sync), backward (grad-scaled for fp16), the LGD schedule's backbone freeze, clipping, update."""
+    sync), backward (grad-scaled for fp16), the LGD schedule's trunk freeze, clipping per optimizer, update."""
 
     def __init__(self, model: Distiller, net: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
                  device: torch.device):
         self.model, self.net, self.opt, self.cfg, self.device = model, net, opt, cfg, device
         self.amp_dtype = AMP_DTYPES[cfg.solver.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.solver.amp == "fp16")
-        self.frozen = model.backbone_parameters()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.frozen = model.frozen_parameters()
 
     def forward(self, images, targets, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -157,9 +174,10 @@ class TrainingStep:
         if self.cfg.lgd.enabled and schedule_phase(self.cfg, it).backbone_frozen:
             for p in self.frozen:
                 p.grad = None
-        if self.cfg.solver.clip_grad_norm:
+        s = self.cfg.solver
+        if s.clip_grad_value is not None or s.clip_grad_norm is not None:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.solver.clip_grad_norm, foreach=True)
+            clip_gradients(self.opt.param_groups, s.clip_grad_value, s.clip_grad_norm)
         self.scaler.step(self.opt)
         self.scaler.update()
 
@@ -174,16 +192,20 @@ class TrainingStep:
 
 def _batches(dataset, cfg: TrainConfig, rank: int, world: int, start_iter: int,
              unreadable: UnreadableImages, on_gpu: bool = False) -> Iterator:
-    """Endless shuffled batches; each rank takes its shard; the order depends on (seed, epoch) only.
-    Images that do not decode are left out of their batch and counted in ``unreadable``."""
+    """Endless shuffled batches; each rank takes its shard; the order and the random horizontal flips
+    (``input.horizontal_flip``, p 0.5) depend on (seed, epoch) only. Images that do not decode are left out of
+    their batch and counted in ``unreadable``."""
     per_rank = max(1, cfg.solver.ims_per_batch // world)
     workers = cfg.data.loader_workers if cfg.data.loader_workers is not None else (4 if on_gpu else 0)
     epoch = start_iter * per_rank * world // max(1, len(dataset))
     while True:
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(len(dataset), generator=g).tolist()
+        flips = (torch.rand(len(dataset), generator=g) < 0.5).tolist() if cfg.input.horizontal_flip else None
         order = order[rank::world]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=per_rank,
+        subset = (FlippedSubset(dataset, order, flips[rank::world]) if flips is not None
+                  else torch.utils.data.Subset(dataset, order))
+        loader = torch.utils.data.DataLoader(subset, batch_size=per_rank,
                                              shuffle=False, drop_last=len(order) >= per_rank,
                                              collate_fn=collate_checked, num_workers=workers, pin_memory=on_gpu)
         yielded = False
@@ -323,7 +345,7 @@ def train_loop(cfg: TrainConfig, report: Optional[Report] = None, resume_from: O
     if rank == 0:
         model.eval()
         with_masks = cfg.detector == "mask_rcnn"
-        metrics.update(evaluate(lambda ims, tg: model.export()(ims), val_ds, device,
+        metrics.update(evaluate(model.predict, val_ds, device,
                                 max_images=cfg.max_eval_images, with_masks=with_masks,
                                 max_unreadable_fraction=cfg.data.max_unreadable_fraction))
         if cfg.eval_teacher:

@@ -120,4 +120,4 @@ def test_strict_types_yaml_switches_and_rules_beside_type_errors(tmp_path):
 LGD_KEYS = ("enabled", "label_encoder", "label_norm", "appearance_pooling", "detach_appearance", "use_context",
             "segm_masks", "attention_query", "mapper_inputs", "shared_head", "num_heads", "image_level_tnet",
             "masks_cover_touched_cells", "context_box_per_image", "distill_weight", "distill_start",
-            "distill_stop_before_end", "freeze_backbone_iters", "optimizer")
+            "distill_stop_before_end", "freeze_backbone_iters", "freeze_scope", "optimizer")

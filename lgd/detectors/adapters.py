@@ -34,6 +34,11 @@ class DetectorAdapter:
     def features(self, images: ImageList) -> OrderedDict:
         return self.model.backbone(images.tensors)
 
+    def trunk(self) -> nn.Module:
+        """The backbone's trunk (ResNet's stages, Swin's stages), without the FPN and its extra levels: what the
+        LGD schedule freezes first (the reference's ``student.raw_backbone``)."""
+        return self.model.backbone.body
+
     def heads(self) -> nn.Module:
         raise NotImplementedError
 
