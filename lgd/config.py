@@ -400,6 +400,8 @@ class TrainConfig(Section):
         if self.lgd.enabled:  # resolved: a left-out value and the value it stands for are the same trial
             d["lgd"]["freeze_backbone_iters"] = self.freeze_backbone_iters
             d["lgd"]["use_context"] = self.use_context
+            d["lgd"]["detach_appearance"] = self.detach_appearance
+            d["lgd"]["mapper_inputs"] = self.mapper_inputs
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
