@@ -211,21 +211,22 @@ def _p(i, s):  # a detection exactly on person i
 def test_crowdhuman_perfect_detector(crowd_val):
     outs = [_out(_p(i, .9 - i / 10)) for i in range(4)] + [_out() for _ in range(4)]
     m = crowdhuman.score(crowd_val, outs, list(range(1, 9)))
-    assert m == pytest.approx({"crowdhuman/AP": 100.0, "crowdhuman/recall": 100.0, "crowdhuman/mMR": 0.0})
+    # the toolkit's AP starts at the first detection's point (1/4, 1): the area to (1, 1) is 3/4, not 1
+    assert m == pytest.approx({"crowdhuman/AP": 75.0, "crowdhuman/recall": 100.0, "crowdhuman/mMR": 0.0})
 
 
 def test_crowdhuman_one_false_positive_at_known_fppi(crowd_val):
     # TP on P0 (0.9), FP in image 5 (0.8), TP on P1 (0.7); P2, P3 missed. Over 8 images the FP is at FPPI 1/8:
     # miss rate 3/4 until then, 1/2 after the second TP. The 9 FPPI points 10^(-2 .. 0): 0.01, 0.018, 0.032, 0.056,
     # 0.1 reach FPPI 1/8 first at the FP (miss rate 3/4); 0.18, 0.32, 0.56, 1 are never reached: the curve's last
-    # point (1/2). mMR = exp((5 ln 3/4 + 4 ln 1/2) / 9).
+    # point (1/2). mMR = exp((5 ln 3/4 + 4 ln 1/2) / 9). (The toolkit's rounded points 0.0100 .. 1.000 read the same.)
     outs = [_out(_p(0, .9)), _out(_p(1, .7))] + [_out() for _ in range(3)] + [_out((1, 40, 0, 60, 30, .8))] + \
         [_out(), _out()]
     m = crowdhuman.score(crowd_val, outs, list(range(1, 9)))
     assert m["crowdhuman/mMR"] == pytest.approx(100 * math.exp((5 * math.log(.75) + 4 * math.log(.5)) / 9))
-    # precision-recall (r, p): (0, 1) -> (1/4, 1) -> (1/4, 1/2) -> (1/2, 2/3); trapezoids:
-    # 1/4 * 1 + 1/4 * (1/2 + 2/3) / 2
-    assert m["crowdhuman/AP"] == pytest.approx(100 * (0.25 + 0.25 * (0.5 + 2 / 3) / 2))
+    # precision-recall (r, p) from the first detection, as the toolkit: (1/4, 1) -> (1/4, 1/2) -> (1/2, 2/3);
+    # trapezoids: 0 + 1/4 * (1/2 + 2/3) / 2
+    assert m["crowdhuman/AP"] == pytest.approx(100 * 0.25 * (0.5 + 2 / 3) / 2)
     assert m["crowdhuman/recall"] == pytest.approx(50.0)
 
 

@@ -1,15 +1,25 @@
-"""Detections and ground truth of the evaluated images as flat numpy arrays, and box overlaps (IoU, IoA): what the
-VOC and CrowdHuman metrics match."""
+"""Detections and ground truth of the evaluated images as flat numpy arrays, and the box overlaps the VOC and
+CrowdHuman metrics match with, each written the way its reference computes it (same operations, same order, so
+that values at a threshold compare the same way):
+
+- :func:`toolkit_overlaps`: the CrowdHuman toolkit's ``Image.box_overlap_opr`` (CrowdDet's APMRToolkits):
+  continuous corners, areas not clipped, ``1e-6`` added to both denominators.
+- :func:`voc_iou`: ``voc_eval`` of Detectron2's ``pascal_voc_evaluation.py`` (after py-faster-rcnn): 1-based
+  inclusive pixel corners, ``+ 1`` on every width and height, no epsilon.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+TOOLKIT_EPS = 1e-6  # box_overlap_opr: inter / (area_d + area_g - inter + eps), inter / (area_d + eps)
+
 
 @dataclass
 class Boxes:
-    """One array per field over every box of the evaluated images, grouped by image (``image``: 0..n_images-1)."""
+    """One array per field over every box of the evaluated images, grouped by image (``image``: 0..n_images-1,
+    non-decreasing; within an image, the boxes keep their order: annotation order, or the detector's output order)."""
     image: np.ndarray  # (N,) int: index of the box's image in the evaluated list
     box: np.ndarray  # (N, 4) float x1y1x2y2
     label: np.ndarray  # (N,) int 1..K
@@ -41,14 +51,31 @@ def detections(outputs: list[dict]) -> Boxes:
                  ignore=np.zeros(sum(n), dtype=bool))
 
 
-def overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(IoU, intersection over the area of ``a``'s box), each (len(a), len(b)), for x1y1x2y2 boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+def toolkit_overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU, intersection over the area of ``a``'s box), each (len(a), len(b)), for x1y1x2y2 boxes, as the
+    CrowdHuman toolkit's ``box_overlap_opr`` computes them: intersection sides clipped at 0, areas as they are,
+    and 1e-6 added to each denominator (a pair whose exact IoU is 0.5 + 2e-7 over a 2-pixel union is not above 0.5)."""
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.maximum(0, iw) * np.maximum(0, ih)
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(inter > 0, inter / (area_a[:, None] + area_b[None, :] - inter), 0.0)
-        ioa = np.where(inter > 0, inter / area_a[:, None], 0.0)
-    return iou, ioa
+        return inter / (area_a + area_b - inter + TOOLKIT_EPS), inter / (area_a + TOOLKIT_EPS)
+
+
+def voc_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU (len(dt), len(gt)) of x1y1x2y2 boxes in this project's continuous coordinates, computed as ``voc_eval``
+    does in the devkit's: both boxes as 1-based inclusive corners (x1 + 1, y1 + 1, x2, y2), which is what the VOC
+    reader undid for ground truth (xmin - 1, ymin - 1) and what Detectron2's evaluator writes for detections
+    (xmin + 1, ymin + 1), then ``+ 1.0`` on each side: ``iw = max(min(x2) - max(x1) + 1, 0)``, ...,
+    ``inter / (area_d + area_g - inter)``."""
+    d = np.concatenate([dt[:, :2] + 1.0, dt[:, 2:]], axis=1)[:, None, :]
+    g = np.concatenate([gt[:, :2] + 1.0, gt[:, 2:]], axis=1)[None, :, :]
+    iw = np.maximum(np.minimum(g[..., 2], d[..., 2]) - np.maximum(g[..., 0], d[..., 0]) + 1.0, 0.0)
+    ih = np.maximum(np.minimum(g[..., 3], d[..., 3]) - np.maximum(g[..., 1], d[..., 1]) + 1.0, 0.0)
+    inters = iw * ih
+    uni = ((d[..., 2] - d[..., 0] + 1.0) * (d[..., 3] - d[..., 1] + 1.0)
+           + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inters)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inters / uni
