@@ -71,11 +71,37 @@ def _load_weights(arch: str, weights: str | None) -> tuple[resnet.ResNet, bool]:
 
 
 RCNN_DETECTORS = ("faster_rcnn", "mask_rcnn")  # P2-P6; the dense detectors take P3-P7
+# P6 from C5 for every dense detector: detectron2's and cvpods' build_retinanet_resnet_fpn_backbone (in_feature
+# "res5"), which the reference's RetinaNet, FCOS, ATSS and POTO are built with (torchvision's RetinaNet v1 takes P5).
+# Swin-T (lgd.backbones_swin): P5, as the reference's Swin-T FPN (``LastLevelP6P7(..., "p5")``).
+P6_FROM_C5 = ("retinanet", "fcos", "atss", "poto")
+
+
+class LastLevelP6P7FromC5OrP5(LastLevelP6P7):
+    """torchvision's P6/P7 block with its input stated, not inferred (torchvision takes P5 whenever C5 has as
+    many channels as the FPN, e.g. ResNet-18 with 512-channel FPN levels)."""
+
+    def __init__(self, in_channels: int, out_channels: int, from_c5: bool):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = not from_c5
+
+
+def set_p6_input(backbone: nn.Module, p6_from: str) -> None:
+    """Rebuild the FPN's P6/P7 block of ``backbone`` (an FPN backbone of the dense detectors) to take ``p6_from``
+    ("c5": the last backbone stage, "p5": the last FPN level), freshly initialised."""
+    if p6_from not in ("c5", "p5"):
+        raise ValueError(f"p6_from {p6_from!r}: 'c5' or 'p5'")
+    fpn = backbone.fpn
+    if not isinstance(fpn.extra_blocks, LastLevelP6P7):
+        raise ValueError("p6_from: the backbone's FPN has no P6/P7 block (an R-CNN backbone?)")
+    out = backbone.out_channels
+    c5 = fpn.inner_blocks[-1][0].in_channels  # the lateral 1x1 conv of the last stage
+    fpn.extra_blocks = LastLevelP6P7FromC5OrP5(c5 if p6_from == "c5" else out, out, p6_from == "c5")
 
 
 def build_backbone(name: str, weights: str | None, detector: str, channels: int = 256) -> nn.Module:
-    """ResNet-FPN (or Swin-T-FPN) for ``detector``: P3-P7 for the dense detectors (RetinaNet, FCOS, ATSS, POTO),
-    P2-P6 for the R-CNNs (as torchvision)."""
+    """ResNet-FPN (or Swin-T-FPN) for ``detector``: P3-P7 for the dense detectors (RetinaNet, FCOS, ATSS, POTO;
+    P6 from C5, as detectron2 and cvpods), P2-P6 for the R-CNNs (as torchvision)."""
     if name == "swin_t":
         from lgd.backbones_swin import build_swin_backbone
 
@@ -95,8 +121,11 @@ def build_backbone(name: str, weights: str | None, detector: str, channels: int 
     if detector in RCNN_DETECTORS:
         returned, extra = [1, 2, 3, 4], LastLevelMaxPool()
     else:
-        returned, extra = [2, 3, 4], LastLevelP6P7(channels, channels)
+        returned = [2, 3, 4]
     c2 = body.inplanes // 8  # 64 for BasicBlock, 256 for Bottleneck
     in_channels = [c2 * 2 ** (i - 1) for i in returned]
+    if detector not in RCNN_DETECTORS:
+        from_c5 = detector in P6_FROM_C5
+        extra = LastLevelP6P7FromC5OrP5(in_channels[-1] if from_c5 else channels, channels, from_c5)
     return BackboneWithFPN(body, {f"layer{k}": str(v) for v, k in enumerate(returned)}, in_channels, channels,
                            extra_blocks=extra)

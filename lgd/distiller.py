@@ -116,9 +116,9 @@ class Distiller(nn.Module):
         inst = OrderedDict(zip(features.keys(), layout.unpack(inst_canvas)))
         if self.teacher_heads is None:  # Eq. 6 through the student's own head: one pass for both
             losses, tea = self.adapter.losses_pair(features, inst, images, targets, self.adapter.heads())
-        else:
-            losses = self.adapter.losses(features, images, targets, self.adapter.heads())
-            tea = self.adapter.losses(inst, images, targets, self.teacher_heads)
+        else:  # an unshared head (Table 6(b)): the same targets and assignment, the copy on the instructive features
+            losses, tea = self.adapter.losses_pair(features, inst, images, targets, self.adapter.heads(),
+                                                   instructive_heads=self.teacher_heads)
         losses.update({f"{k}.tea": v for k, v in tea.items()})
         student = self.adaptation(canvas.detach() if phase.student_detached else canvas, layout)
         losses["distill"] = distillation_loss(student, inst_canvas, layout)

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from torchvision.models.detection import FCOS as TorchvisionFCOS
+
 from lgd.detectors import build_detector
 from lgd.detectors.assignment import atss_assign, hungarian_assign, iou_assign
 from pair_losses import assert_pair_is_each_alone
@@ -26,7 +28,9 @@ def _targets(seed, counts, size=128):
 @pytest.mark.parametrize("counts", [(3, 7), (5, 0), (0, 0), (12, 1)])
 def test_adapter_losses_equal_torchvisions(detector, counts):
     torch.manual_seed(0)
-    adapter = build_detector(detector.split("_")[0], "resnet18", K + 1, (128,), 160, channels=32)
+    # FCOS: the reference's head and points, with torchvision's box-loss normalisation (the foreground count)
+    opts = {"centerness_weighted_box": False} if detector == "fcos" else {}
+    adapter = build_detector(detector.split("_")[0], "resnet18", K + 1, (128,), 160, channels=32, options=opts)
     if detector == "retinanet_giou":  # RetinaNet v2's box loss
         adapter.model.head.regression_head._loss_type = "giou"
     model = adapter.model.train()
@@ -39,8 +43,8 @@ def test_adapter_losses_equal_torchvisions(detector, counts):
     out, anchors = model.head(fl), model.anchor_generator(images, fl)
     if detector.startswith("retinanet"):
         ref = model.compute_loss(targets, out, anchors)
-    else:
-        ref = model.compute_loss(targets, out, anchors, [x.size(2) * x.size(3) for x in fl])
+    else:  # torchvision's own per-image matching and losses, on our head's outputs and points
+        ref = TorchvisionFCOS.compute_loss(model, targets, out, anchors, [x.size(2) * x.size(3) for x in fl])
     assert ours.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)
@@ -108,7 +112,7 @@ def test_poto_assigns_one_point_per_box_by_quality_within_the_prior_and_aux_one_
     out_probs = {0: 0.9, 1: 0.5, 2: 0.95}
     out_boxes = {0: [0, 0, 8, 8], 1: [0, 0, 16, 8], 2: [0, 0, 20, 8]}
     targets = [{"boxes": torch.tensor([[0.0, 0, 16, 8]]), "labels": torch.tensor([1])}]
-    model = build_detector("poto", "resnet18", 3, (64,), 64, channels=32).model
+    model = build_detector("poto", "resnet18", 3, (64,), 64, channels=32, options={"aux_loss": True}).model
     matched, aux = model.assign(targets, _poto_outputs(model, a, out_probs, out_boxes), a[None], [8, 4])
     # quality .5^0.2 * 1^0.8 = .87 beats .9^0.2 * .5^0.8 = .56: one positive, p1
     assert matched[0].tolist() == [-1, 0] + [-1] * 10

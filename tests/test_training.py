@@ -46,7 +46,7 @@ def _trains_on_one_batch(cfg, model, images, targets, lgd, iters=8):
         assert "distill" in losses and any(k.endswith(".tea") for k in losses)
     exported = model.export()
     # a torchvision detector (ATSS and POTO: subclasses of its FCOS)
-    assert any(c.__module__.startswith("torchvision.models.detection") for c in type(exported).__mro__[:2])
+    assert any(c.__module__.startswith("torchvision.models.detection") for c in type(exported).__mro__)
     assert not any(k.startswith(("teacher", "adaptation")) for k in exported.state_dict())
     return opt, losses
 
@@ -142,8 +142,8 @@ def test_unshared_head_and_stop_before_end(make_config):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adaptation.parameters())
     model.zero_grad()
     sum(v for k, v in losses.items() if k.endswith(".tea")).backward()
-    assert all(p.grad is None for p in model.detector.head.parameters())
-    assert any(p.grad is not None for p in model.teacher_heads.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.detector.head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.teacher_heads.parameters())
 
 
 @pytest.mark.parametrize("variant", [{"label_encoder": "mlp"}, {"label_encoder": "transformer"},

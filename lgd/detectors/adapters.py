@@ -46,16 +46,18 @@ class DetectorAdapter:
         raise NotImplementedError
 
     def losses_pair(self, features: OrderedDict, instructive: OrderedDict, images: ImageList, targets: list[dict],
-                    heads: nn.Module) -> tuple[dict, dict]:
-        """The student's losses and the instructive features' (Eq. 6) through the same ``heads``."""
-        return (self.losses(features, images, targets, heads), self.losses(instructive, images, targets, heads))
+                    heads: nn.Module, instructive_heads: nn.Module | None = None) -> tuple[dict, dict]:
+        """The student's losses and the instructive features' (Eq. 6) through the same ``heads`` (or through
+        ``instructive_heads``, an unshared copy: Table 6(b))."""
+        return (self.losses(features, images, targets, heads),
+                self.losses(instructive, images, targets, heads if instructive_heads is None else instructive_heads))
 
     def predict(self, features: OrderedDict, images: ImageList, original_sizes, heads: nn.Module) -> list[dict]:
         raise NotImplementedError
 
 
 class _DenseAdapter(DetectorAdapter):
-    """RetinaNet and FCOS: one head over all levels, anchors from the feature sizes.
+    """RetinaNet and FCOS (ATSS, POTO): one head over all levels, anchors from the feature sizes.
 
     Losses run the head once over every feature set of the step (student and instructive features
     concatenated along the batch), and assign anchors once: both sets see the same anchors and boxes.
@@ -71,10 +73,13 @@ class _DenseAdapter(DetectorAdapter):
     def assign(self, targets: list[dict], anchors: list[torch.Tensor], feats: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def _losses(self, feature_sets: list[OrderedDict], images, targets, heads) -> list[dict]:
-        feats = list(concat_sets(feature_sets).values())
+    def _losses(self, feature_sets: list[OrderedDict], images, targets, heads, set_heads=None) -> list[dict]:
         first = list(feature_sets[0].values())
-        out = heads(feats)
+        if set_heads is None:  # one pass over all sets
+            out = heads(list(concat_sets(feature_sets).values()))
+        else:  # a head per set (an unshared teacher head): its outputs concatenated as the one pass's
+            outs = [h(list(fs.values())) for h, fs in zip(set_heads, feature_sets)]
+            out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
         anchors = self.model.anchor_generator(images, first)
         matched = self.assign(targets, anchors, first)
         return self.set_losses(heads, targets, out, anchors, matched, len(feature_sets))
@@ -88,8 +93,11 @@ class _DenseAdapter(DetectorAdapter):
     def losses(self, features, images, targets, heads):
         return self._losses([features], images, targets, heads)[0]
 
-    def losses_pair(self, features, instructive, images, targets, heads):
-        return tuple(self._losses([features, instructive], images, targets, heads))
+    def losses_pair(self, features, instructive, images, targets, heads, instructive_heads=None):
+        """As the base class; ``instructive_heads`` (an unshared teacher head, Table 6(b)) runs on the instructive
+        features instead of ``heads``, with the same targets and assignment (POTO: the student's matching)."""
+        set_heads = None if instructive_heads is None else [heads, instructive_heads]
+        return tuple(self._losses([features, instructive], images, targets, heads, set_heads))
 
     def predict(self, features, images, original_sizes, heads):
         feats, out, anchors = self._run(features, images, heads)
@@ -118,14 +126,21 @@ class RetinaNetAdapter(_DenseAdapter):
 
 
 class FCOSAdapter(_DenseAdapter):
+    """FCOS (and ATSS): the model's own assignment and losses (lgd.detectors.fcos.FCOS) where it has them,
+    torchvision's rules otherwise (a plain torchvision FCOS)."""
+
     name = "fcos"
 
     def assign(self, targets, anchors, feats):
-        return centre_sampling_assign(targets, anchors, [x.size(2) * x.size(3) for x in feats],
-                                      self.model.center_sampling_radius)
+        num_per_level = [x.size(2) * x.size(3) for x in feats]
+        if hasattr(self.model, "assign"):
+            return self.model.assign(targets, anchors, num_per_level)
+        return centre_sampling_assign(targets, anchors, num_per_level, self.model.center_sampling_radius)
 
     def set_losses(self, heads, targets, out, anchors, matched, sets):
-        return fcos_losses(heads, targets, out, anchors, matched, sets)
+        if hasattr(self.model, "set_losses"):
+            return self.model.set_losses(heads, targets, out, anchors, matched, sets)
+        return fcos_losses(heads, targets, out, anchors, matched, sets, centerness_weighted_box=False)
 
 
 class FasterRCNNAdapter(DetectorAdapter):
@@ -143,7 +158,9 @@ class FasterRCNNAdapter(DetectorAdapter):
     def losses(self, features, images, targets, heads):
         return rcnn_losses([features], images, targets, heads)[0]
 
-    def losses_pair(self, features, instructive, images, targets, heads):
+    def losses_pair(self, features, instructive, images, targets, heads, instructive_heads=None):
+        if instructive_heads is not None:  # an unshared copy: each set through its own heads
+            return super().losses_pair(features, instructive, images, targets, heads, instructive_heads)
         return tuple(rcnn_losses([features, instructive], images, targets, heads))
 
     def predict(self, features, images, original_sizes, heads):

@@ -2,12 +2,14 @@
 
 torchvision computes them image by image (and FCOS's with a host sync for its foreground count); here every
 image of every feature set of the step (the student's and the instructive features', Eq. 6) is one tensor
-operation, with torchvision's normalisation: RetinaNet's per image by its foreground count (at least 1),
-averaged over the set's images; FCOS's by the set's whole foreground count (at least 1).
+operation. RetinaNet's normalisation is torchvision's: per image by its foreground count (at least 1), averaged
+over the set's images. FCOS's (and ATSS's, POTO's) is cvpods': by the batch's foreground count (and the box
+loss by the batch's centerness-target sum), each averaged over the workers (``mean_over_workers``), at least 1.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from lgd.detectors.assignment import pad_boxes
@@ -32,20 +34,32 @@ def matched_targets(targets: list[dict], matched: list[torch.Tensor], anchors: l
     return m, fg, gt_labels, gt_boxes, a
 
 
+def mean_over_workers(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the workers of the default process group (all_reduce(sum) / world size), as cvpods'
+    ``reduce_sum(num_foreground) / world_size``; ``x`` itself where no group is initialised. A collective: every
+    worker calls it the same number of times per step (the loss functions make one call each)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
 def onehot_targets(labels: torch.Tensor, fg: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype) * fg[..., None]
 
 
 def fcos_losses(head, targets: list[dict], out: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                 matched: list[torch.Tensor], sets: int, box_weight: float = 1.0,
-                centerness_weighted_box: bool = False) -> list[dict[str, torch.Tensor]]:
-    """FCOS: focal classification, GIoU box and centerness losses over the set's foreground count.
-
-    ATSS's variant (``centerness_weighted_box``): each foreground GIoU term weighted by its centerness target
-    and the sum divided by the centerness targets' sum; ``box_weight`` scales the box loss (ATSS: 2)."""
+                centerness_weighted_box: bool = True) -> list[dict[str, torch.Tensor]]:
+    """FCOS (and ATSS): focal classification and centerness BCE over the foreground count; GIoU box loss, by
+    default (cvpods) each foreground term weighted by its centerness target and the sum divided by the centerness
+    targets' sum, ``centerness_weighted_box=False``: unweighted over the foreground count (torchvision's FCOS).
+    Both normalisers are averaged over the workers, then at least 1 (cvpods' ``max(1.0, ...)``); every set of
+    ``out`` has the same ground truth and assignment, hence the same normalisers. ``box_weight`` scales the box
+    loss (ATSS: 2)."""
     B = len(targets)
     _, fg, labels, gt, a = matched_targets(targets, matched, anchors, sets)
-    num_fg = fg[:B].sum().clamp(min=1)  # the same ground truth in every set
     logits, reg = out["cls_logits"], out["bbox_regression"]
     cls = sigmoid_focal_loss(logits, onehot_targets(labels, fg, logits), reduction="none").sum(dim=(1, 2))
     pred = head.box_coder.decode(reg, a)
@@ -54,10 +68,13 @@ def fcos_losses(head, targets: list[dict], out: dict[str, torch.Tensor], anchors
     lr, tb = enc[..., [0, 2]], enc[..., [1, 3]]
     centre = torch.sqrt((lr.amin(-1) / lr.amax(-1)) * (tb.amin(-1) / tb.amax(-1)))
     ctr = torch.nn.functional.binary_cross_entropy_with_logits(out["bbox_ctrness"][..., 0], centre, reduction="none")
-    box_norm = num_fg
+    # one collective for both normalisers (the same ground truth in every set: the first set's)
+    norms = mean_over_workers(torch.stack([fg[:B].sum().float(), (centre[:B] * fg[:B]).sum().float()]))
+    num_fg, centre_sum = norms.clamp(min=1.0).unbind(0)
     if centerness_weighted_box:
-        box = box * centre
-        box_norm = (centre[:B] * fg[:B]).sum().clamp(min=1e-6)
+        box, box_norm = box * centre, centre_sum
+    else:
+        box_norm = num_fg
     box = (box * fg).sum(1).view(sets, -1).sum(dim=1) / box_norm * box_weight
     cls, ctr = (x.view(sets, -1).sum(dim=1) / num_fg for x in (cls, (ctr * fg).sum(1)))
     return [{"classification": cls[i], "bbox_regression": box[i], "bbox_ctrness": ctr[i]} for i in range(sets)]

@@ -1,16 +1,22 @@
 """POTO (DeFCN, Wang et al. 2021): an FCOS-style head trained one-to-one, for NMS-free detection.
 
 Prediction-aware one-to-one assignment: Hungarian matching of each image's boxes to points on the quality
-cls^(1-α) · IoU^α (α = 0.8), within FCOS's centre-sampling prior; the 3D max filter (a max over 3x3 positions
-and the adjacent pyramid levels) gates the classification; an auxiliary one-to-many focal loss (ATSS-style
-selection on the same quality) adds supervision. Inference keeps the top scores without NMS.
+cls^(1-α) · IoU^α (α = 0.8), within FCOS's centre-sampling prior. Inference keeps the top scores without NMS.
+By default plain POTO, the reference's (megvii-research/LGD ``thirdparty_heads/poto.py``; the paper's R-50
+POTO baseline, 39.0, is plain POTO's, not full DeFCN's 41.4): FCOS-style box tower with a scale per level, no
+3D max filter, no auxiliary loss. DeFCN's full variant: ``max_filter=True`` (a max over 3x3 positions and the
+adjacent pyramid levels gates the classification), ``aux_loss=True`` (an auxiliary one-to-many focal loss,
+ATSS-style selection on the same quality).
+
+The instructive features' losses (Eq. 6) reuse the student's matching, as the reference's ``DistillatorPOTO``
+(its ``forward_teacher`` passes the student's ``gt_classes, gt_shifts_reg_deltas`` to ``student.losses``);
+``per_set_matching=True``: each feature set matched on its own predictions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSClassificationHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
@@ -18,7 +24,8 @@ from torchvision.models.detection import _utils as det_utils
 
 from lgd.detectors.adapters import FCOSAdapter
 from lgd.detectors.assignment import adaptive_select, batched_box_iou, centre_region, hungarian_assign, pad_boxes
-from lgd.detectors.dense_losses import focal_loss_on_probabilities, matched_targets, onehot_targets
+from lgd.detectors.dense_losses import focal_loss_on_probabilities, matched_targets, mean_over_workers, onehot_targets
+from lgd.detectors.fcos import FCOS, STRIDES, Scale
 
 
 def _conv_tower(channels: int, num_convs: int) -> nn.Sequential:
@@ -62,11 +69,14 @@ class MaxFiltering(nn.Module):
 
 
 class POTOHead(nn.Module):
-    """FCOS's classification head; a box tower predicting (l, t, r, b) / stride (no centerness); with the 3D max
-    filter, a one-channel filter score from the box tower that gates the classification."""
+    """FCOS's classification head; a box tower predicting (l, t, r, b) / stride (no centerness), with a learnable
+    scale per level before the ReLU (``scale_per_level``, the reference's); with the 3D max filter, a one-channel
+    filter score from the box tower that gates the classification."""
 
-    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, max_filter: bool = True):
+    def __init__(self, channels: int, num_classes: int, num_convs: int = 4, max_filter: bool = False,
+                 scale_per_level: bool = True, num_levels: int = len(STRIDES)):
         super().__init__()
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels)) if scale_per_level else None
         self.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(channels, 1, num_classes, num_convs)
         self.box_tower = _conv_tower(channels, num_convs)
@@ -80,24 +90,33 @@ class POTOHead(nn.Module):
 
     def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         towers = [self.box_tower(f) for f in x]
+        if self.scales is not None and len(x) != len(self.scales):
+            raise ValueError(f"{len(x)} feature levels for {len(self.scales)} scales")
+        regs = [self.bbox_reg(t) for t in towers]
+        if self.scales is not None:
+            regs = [s(r) for s, r in zip(self.scales, regs)]
         out = {"cls_logits": self.classification_head(x),
-               "bbox_regression": torch.cat([_flatten(F.relu(self.bbox_reg(t))) for t in towers], dim=1)}
+               "bbox_regression": torch.cat([_flatten(F.relu(r)) for r in regs], dim=1)}
         if self.max_filter is not None:
             out["filter_logits"] = torch.cat([_flatten(self.filter_score(t)) for t in self.max_filter(towers)], dim=1)
         return out
 
 
 class POTO(FCOS):
-    """FCOS with POTOHead and DeFCN's training (α, centre-sampling radius 1.5, auxiliary top-9 one-to-many loss,
-    GIoU box loss x 2) and NMS-free inference (top ``detections_per_img`` scores above ``score_thresh``)."""
+    """The reference's FCOS (lgd.detectors.fcos: points at the cell centres, P6 from C5) with POTOHead and
+    DeFCN's training (α, centre-sampling radius 1.5, GIoU box loss x 2; by default neither the 3D max filter nor
+    the auxiliary top-9 one-to-many loss) and NMS-free inference (top ``detections_per_img`` scores above
+    ``score_thresh``)."""
 
     def __init__(self, backbone, num_classes: int, alpha: float = 0.8, center_sampling_radius: float = 1.5,
-                 max_filter: bool = True, aux_loss: bool = True, aux_topk: int = 9, box_loss_weight: float = 2.0,
-                 score_thresh: float = 0.05, **kwargs):
-        head = POTOHead(backbone.out_channels, num_classes, max_filter=max_filter)
+                 max_filter: bool = False, aux_loss: bool = False, aux_topk: int = 9, box_loss_weight: float = 2.0,
+                 per_set_matching: bool = False, scale_per_level: bool = True, score_thresh: float = 0.05,
+                 **kwargs):
+        head = POTOHead(backbone.out_channels, num_classes, max_filter=max_filter, scale_per_level=scale_per_level)
         super().__init__(backbone, num_classes, head=head, center_sampling_radius=center_sampling_radius,
-                         score_thresh=score_thresh, **kwargs)
-        self.alpha, self.aux_loss, self.aux_topk, self.box_loss_weight = alpha, aux_loss, aux_topk, box_loss_weight
+                         score_thresh=score_thresh, box_loss_weight=box_loss_weight, **kwargs)
+        self.alpha, self.aux_loss, self.aux_topk = alpha, aux_loss, aux_topk
+        self.per_set_matching = per_set_matching
 
     def _quality(self, prob: torch.Tensor, labels: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
         """cls^(1-α) · IoU^α of every (box, point): ``prob`` (N, A, K), ``labels`` (N, M), ``iou`` (N, M, A)."""
@@ -108,7 +127,7 @@ class POTO(FCOS):
     def assign(self, targets: list[dict], out: dict[str, torch.Tensor], anchors: torch.Tensor,
                num_per_level: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One-to-one (and auxiliary one-to-many) box index of every point of the N = len(targets) rows of
-        ``out``; depends on the predictions, so each feature set of a step gets its own."""
+        ``out``, on those rows' predictions (one host copy for SciPy's Hungarian matcher)."""
         gt, valid = pad_boxes(targets)
         N, A = anchors.shape[:2]
         none = torch.full((N, A), -1, dtype=torch.int64, device=anchors.device)
@@ -132,11 +151,19 @@ class POTO(FCOS):
 
     def set_losses(self, head, targets: list[dict], out: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                    num_per_level: list[int], sets: int) -> list[dict[str, torch.Tensor]]:
-        """``out`` holds ``sets`` feature sets' head outputs along the batch; each set is assigned on its own
-        predictions; focal (of cls x filter) and GIoU losses over each set's foreground count."""
-        rows = targets * sets
-        a = torch.stack(anchors).repeat(sets, 1, 1)
-        matched, aux = self.assign(rows, out, a, num_per_level)
+        """``out`` holds ``sets`` feature sets' head outputs along the batch. The matching is made on the first
+        set's (the student's) predictions and used for every set, as the reference's; ``per_set_matching``: each
+        set on its own. Focal (of cls x filter) and GIoU losses over the foreground count, averaged over the
+        workers (at least 1)."""
+        B = len(targets)
+        a = torch.stack(anchors)
+        if self.per_set_matching:
+            matched, aux = self.assign(targets * sets, out, a.repeat(sets, 1, 1), num_per_level)
+        else:  # the student's rows only, one Hungarian matching per image
+            matched, aux = self.assign(targets, {k: v[:B] for k, v in out.items()}, a, num_per_level)
+            matched = matched.repeat(sets, 1)
+            aux = None if aux is None else aux.repeat(sets, 1)
+        rows, a = targets * sets, a.repeat(sets, 1, 1)
         _, fg, labels, gt, _ = matched_targets(rows, list(matched.unbind(0)), list(a.unbind(0)), 1)
         logits = out["cls_logits"]
         onehot = onehot_targets(labels, fg, logits)
@@ -147,15 +174,18 @@ class POTO(FCOS):
             cls = sigmoid_focal_loss(logits, onehot, reduction="none")
         pred = head.box_coder.decode(out["bbox_regression"], a)
         box = generalized_box_iou_loss(pred.flatten(0, 1), gt.flatten(0, 1), reduction="none").view(fg.shape)
-        num_fg = fg.view(sets, -1).sum(dim=1).clamp(min=1)
+        counts = [fg.view(sets, -1).sum(dim=1).float()]
+        if aux is not None:
+            _, fg_aux, labels_aux, _, _ = matched_targets(rows, list(aux.unbind(0)), list(a.unbind(0)), 1)
+            counts.append(fg_aux.view(sets, -1).sum(dim=1).float())
+        counts = mean_over_workers(torch.cat(counts)).clamp(min=1.0)  # one collective for every normaliser
+        num_fg = counts[:sets]
         cls = cls.sum(dim=(1, 2)).view(sets, -1).sum(dim=1) / num_fg
         box = (box * fg).sum(dim=1).view(sets, -1).sum(dim=1) / num_fg * self.box_loss_weight
         losses = [{"classification": cls[i], "bbox_regression": box[i]} for i in range(sets)]
         if aux is not None:
-            _, fg_aux, labels_aux, _, _ = matched_targets(rows, list(aux.unbind(0)), list(a.unbind(0)), 1)
             focal = sigmoid_focal_loss(logits, onehot_targets(labels_aux, fg_aux, logits), reduction="none")
-            per_set = focal.sum(dim=(1, 2)).view(sets, -1).sum(dim=1)
-            aux_loss = per_set / fg_aux.view(sets, -1).sum(dim=1).clamp(min=1)
+            aux_loss = focal.sum(dim=(1, 2)).view(sets, -1).sum(dim=1) / counts[sets:]
             for i in range(sets):
                 losses[i]["classification_aux"] = aux_loss[i]
         return losses
@@ -193,8 +223,8 @@ class POTO(FCOS):
 
 
 class POTOAdapter(FCOSAdapter):
-    """POTO: the assignment depends on each feature set's own predictions, so it is made in ``set_losses``
-    over the student's and instructive rows together (the step's one head pass)."""
+    """POTO: the assignment depends on the predictions, so it is made in ``set_losses``, after the step's one
+    head pass (on the student's rows; every row's with ``per_set_matching``)."""
 
     name = "poto"
 
