@@ -3,8 +3,10 @@
     python benchmarks/step_overhead.py [--size 800] [--backbone resnet50] [--device cuda] [--steps 10]
     python benchmarks/step_overhead.py --detectors atss,poto            # Table 14's students
     python benchmarks/step_overhead.py --backbone swin_t --optimizer adamw --detectors retinanet,mask_rcnn  # Table 13
+    python benchmarks/step_overhead.py --backend torchvision,detectron2 --detectors retinanet,faster_rcnn  # both
 
-One line per detector: step time, arithmetic (FLOPs, forward + backward, counted by
+One line per detector (and backend, ``--backend``: torchvision's detectors or detectron2's, each with its own
+defaults): step time, arithmetic (FLOPs, forward + backward, counted by
 ``torch.utils.flop_counter``), ops dispatched per step (every aten op, views included, counted by a
 ``TorchDispatchMode``: what a host-bound step pays for; ``kernels`` counts those that are not views, what a
 launch-bound GPU pays for) and peak memory of baseline and LGD, and their ratios (LGD / baseline) as
@@ -63,16 +65,16 @@ def _batch(n: int, size: int, num_classes: int, device, masks: bool, seed: int =
     return images, targets
 
 
-def measure(detector: str, lgd: bool, args, device) -> dict:
+def measure(detector: str, lgd: bool, args, device, backend: str = "torchvision") -> dict:
     """In a fresh process each, so that peak memory belongs to this configuration alone."""
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_measure, detector, lgd, args, device).result()
+        return pool.submit(_measure, detector, lgd, args, device, backend).result()
 
 
-def _measure(detector: str, lgd: bool, args, device) -> dict:
+def _measure(detector: str, lgd: bool, args, device, backend: str = "torchvision") -> dict:
     torch.set_num_threads(args.threads)
     cfg = config_from_dict({
-        "detector": detector, "backbone": args.backbone, "fpn_channels": args.channels,
+        "detector": detector, "backend": backend, "backbone": args.backbone, "fpn_channels": args.channels,
         "input": {"min_size": args.size, "max_size": int(args.size * 1.67)},
         "lgd": {"enabled": lgd, "segm_masks": lgd and detector == "mask_rcnn"},
         "solver": {"iter_scale": 1.0, "base_lr": 1e-4, "warmup_iters": 0, "amp": args.amp,
@@ -112,25 +114,31 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--detectors", default="retinanet,fcos,faster_rcnn,mask_rcnn",
-                   help="any of retinanet, fcos, faster_rcnn, mask_rcnn, atss, poto")
+    p.add_argument("--detectors", default=None,
+                   help="any of retinanet, fcos, faster_rcnn, mask_rcnn, atss, poto (detectron2: the first, third and "
+                        "fourth); default retinanet,fcos,faster_rcnn,mask_rcnn (detectron2: without fcos)")
+    p.add_argument("--backend", default="torchvision",
+                   help="torchvision, detectron2, or both comma-separated (each detector on each, side by side)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="solver.optimizer of both configs")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="solver.amp of both configs")
     p.add_argument("--channels-last", action="store_true", help="channels_last of both configs")
     args = p.parse_args()
     device = torch.device(args.device)
     name = device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads per measurement)"
+    backends = args.backend.split(",")
     print(f"# {name}, {args.backbone}, {args.optimizer}, short side {args.size}, batch {args.batch}, FPN {args.channels}, "
           f"{args.steps} timed steps; memory: {'peak CUDA allocation' if device.type == 'cuda' else 'process max RSS'}")
-    for det in args.detectors.split(","):
-        b = measure(det, False, args, device)
-        m = measure(det, True, args, device)
-        print(f"{det:12s} step {b['time'] * 1000:8.1f} ms -> {m['time'] * 1000:8.1f} ms  "
-              f"GFLOP {b['flops'] / 1e9:7.1f} -> {m['flops'] / 1e9:7.1f}  ops {b['ops']:6d} -> {m['ops']:6d}  "
-              f"memory {b['memory']:7.0f} MB -> {m['memory']:7.0f} MB   "
-              f"time {m['time'] / b['time']:.2f}x  flops {m['flops'] / b['flops']:.2f}x  ops {m['ops'] / b['ops']:.2f}x  "
-              f"kernels {m['kernels'] / b['kernels']:.2f}x  memory {m['memory'] / b['memory']:.2f}x", flush=True)
-
+    default = "retinanet,fcos,faster_rcnn,mask_rcnn" if backends == ["torchvision"] else "retinanet,faster_rcnn,mask_rcnn"
+    for det in (args.detectors or default).split(","):
+        for backend in backends:
+            b = measure(det, False, args, device, backend)
+            m = measure(det, True, args, device, backend)
+            label = det if backends == ["torchvision"] else f"{det}/{backend}"
+            print(f"{label:24s} step {b['time'] * 1000:8.1f} ms -> {m['time'] * 1000:8.1f} ms  "
+                  f"GFLOP {b['flops'] / 1e9:7.1f} -> {m['flops'] / 1e9:7.1f}  ops {b['ops']:6d} -> {m['ops']:6d}  "
+                  f"kernels {b['kernels']:6d} -> {m['kernels']:6d}  memory {b['memory']:7.0f} MB -> {m['memory']:7.0f} MB   "
+                  f"time {m['time'] / b['time']:.2f}x  flops {m['flops'] / b['flops']:.2f}x  ops {m['ops'] / b['ops']:.2f}x  "
+                  f"kernels {m['kernels'] / b['kernels']:.2f}x  memory {m['memory'] / b['memory']:.2f}x", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -324,9 +324,15 @@ class TrainConfig(Section):
             yield f"detector_options.{key}", msg
         if self.log_period < 1:
             yield "log_period", "must be >= 1"
-        if self.backend == "detectron2" and self.detector not in DETECTRON2_DETECTORS:
-            yield "detector", (f"backend detectron2 has {', '.join(DETECTRON2_DETECTORS)}; {self.detector} is "
-                               f"torchvision's only")
+        if self.backend == "detectron2":
+            from lgd.detectors.detectron2.config import backbone_problem, weights_problem  # standard library only
+
+            if self.detector not in DETECTRON2_DETECTORS:
+                yield "detector", (f"backend detectron2 has {', '.join(DETECTRON2_DETECTORS)}; {self.detector} is "
+                                   f"torchvision's only")
+            for key, problem in (("backbone", backbone_problem(self.backbone)), ("weights", weights_problem(self.weights))):
+                if problem:
+                    yield key, problem
         if self.detector == "mask_rcnn" and self.data.format != "coco":
             yield "detector", f"mask_rcnn needs instance masks, which data.format {self.data.format} does not have"
         if self.lgd.segm_masks and self.detector != "mask_rcnn":

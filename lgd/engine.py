@@ -64,7 +64,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
 
 def build_model(cfg: TrainConfig, num_classes: int) -> Distiller:
     adapter = build_detector(cfg.detector, cfg.backbone, num_classes + 1, cfg.input.train_sizes(), cfg.input.max_size,
-                             cfg.weights, cfg.fpn_channels, cfg.detector_options)
+                             cfg.weights, cfg.fpn_channels, cfg.detector_options, backend=cfg.backend)
     model = Distiller(adapter, cfg, num_classes)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 

@@ -123,6 +123,22 @@ def _check_data(specs: list[TrialSpec]) -> None:
             print(f"dataset {d['name']} {split}: {ds.stats.as_dict()}")
 
 
+def _missing_backend(specs: list[TrialSpec]) -> str | None:
+    """A grid with ``backend: detectron2`` trials needs detectron2 installed (built from source): the problem,
+    naming the install command, else None. Checked in this driver's environment, which on a cluster is a node's
+    (`ray job submit`; docker/Dockerfile builds detectron2 into the image)."""
+    if not any(s.config.get("backend") == "detectron2" for s in specs):
+        return None
+    from lgd.detectors.detectron2 import Detectron2Missing, require
+
+    n = sum(s.config.get("backend") == "detectron2" for s in specs)
+    try:
+        require()
+    except Detectron2Missing as e:
+        return f"{n} trial(s) of this grid use backend detectron2. {e}"
+    return None
+
+
 def _concurrency(grid: Grid, cap: int | None, where: str) -> int:
     """Trials at once: as many as the connected cluster's live nodes hold (ClusterUnavailable: not one)."""
     capacity, nodes = Capacity.of(grid.resources), alive_nodes()
@@ -284,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     local = not args.address or args.address == LOCAL
     if args.dry_run:
         return _dry_run_on_cluster(grid, specs, args, local)
+    missing = _missing_backend(specs)  # before MLflow and Ray: a missing detection library creates nothing
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     try:
         _check_data(specs)  # before MLflow and Ray: a refused dataset creates nothing
     except DataError as e:
