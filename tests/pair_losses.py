@@ -1,5 +1,22 @@
-"""The check shared by the adapters' loss tests: one pass over two feature sets gives each set's own losses."""
+"""What the adapters' loss tests share: one pass over two feature sets gives each set's own losses; POTO head
+outputs made by hand."""
+import math
+
 import torch
+
+
+def poto_outputs(model, anchors, probs: dict, boxes: dict, max_filter: bool = False) -> dict:
+    """POTO head outputs for one image: class-1 probability and predicted box per point (the rest: ~0, own box);
+    with ``max_filter`` a 3D max filter score that lets everything through."""
+    logits = torch.full((1, len(anchors), 3), -10.0)
+    pred = anchors.clone()
+    for i, p in probs.items():
+        logits[0, i, 1] = math.log(p / (1 - p))
+        pred[i] = torch.tensor(boxes[i], dtype=torch.float)
+    out = {"cls_logits": logits, "bbox_regression": model.box_coder.encode(anchors, pred)[None]}
+    if max_filter:
+        out["filter_logits"] = torch.full((1, len(anchors), 1), 20.0)
+    return out
 
 
 def assert_pair_is_each_alone(adapter, feats, images, targets, alone_student: dict, rtol: float) -> dict:

@@ -1,6 +1,5 @@
 """Batched label assignment and the shared head pass give torchvision's own losses, to rounding; ATSS's and
 POTO's assignments on hand-made cases."""
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from torchvision.models.detection import FCOS as TorchvisionFCOS
 
 from lgd.detectors import build_detector
 from lgd.detectors.assignment import atss_assign, hungarian_assign, iou_assign
-from pair_losses import assert_pair_is_each_alone
+from pair_losses import assert_pair_is_each_alone, poto_outputs
 
 K = 4
 
@@ -95,14 +94,7 @@ def test_hungarian_assign_is_one_to_one_and_globally_optimal():
 
 
 def _poto_outputs(model, anchors, probs: dict, boxes: dict):
-    """POTO head outputs for one image: class-1 probability and predicted box per point (the rest: ~0, own box)."""
-    logits = torch.full((1, len(anchors), 3), -10.0)
-    pred = anchors.clone()
-    for i, p in probs.items():
-        logits[0, i, 1] = math.log(p / (1 - p))
-        pred[i] = torch.tensor(boxes[i], dtype=torch.float)
-    return {"cls_logits": logits, "bbox_regression": model.box_coder.encode(anchors, pred)[None],
-            "filter_logits": torch.full((1, len(anchors), 1), 20.0)}  # the 3D max filter lets everything through
+    return poto_outputs(model, anchors, probs, boxes, max_filter=True)
 
 
 def test_poto_assigns_one_point_per_box_by_quality_within_the_prior_and_aux_one_to_many():

@@ -20,6 +20,7 @@ from lgd.detectors import MODEL_CLASSES, build_detector
 from lgd.detectors.dense_losses import fcos_losses, mean_over_workers
 from lgd.detectors.fcos import FCOS, CellCentrePoints, ScaledFCOSHead
 from lgd.detectors.poto import POTOHead
+from pair_losses import poto_outputs
 
 CODER = SimpleNamespace(box_coder=det_utils.BoxLinearCoder(normalize_by_size=True))  # what the losses use of a head
 
@@ -86,25 +87,15 @@ def _poto_points():
                         + [[x - 8.0, 0, x + 8, 16] for x in (8, 24, 40, 56)])
 
 
-def _poto_row(model, anchors, probs: dict, boxes: dict):
-    """POTO head outputs of one image: class-1 probability and predicted box per point (the rest ~0, own box)."""
-    logits = torch.full((1, len(anchors), 3), -10.0)
-    pred = anchors.clone()
-    for i, p in probs.items():
-        logits[0, i, 1] = math.log(p / (1 - p))
-        pred[i] = torch.tensor(boxes[i], dtype=torch.float)
-    return {"cls_logits": logits, "bbox_regression": model.box_coder.encode(anchors, pred)[None]}
-
-
 def test_poto_instructive_losses_use_the_students_matching():
     model = build_detector("poto", "resnet18", 3, (64,), 64, channels=32).model
     assert not model.aux_loss and model.head.max_filter is None  # plain POTO by default
     a = _poto_points()
     targets = [{"boxes": torch.tensor([[0.0, 0, 16, 8]]), "labels": torch.tensor([1])}]
     # the student: p0 score .9 but IoU .5, p1 score .5 and the exact box: quality .87 vs .56 -> p1
-    student = _poto_row(model, a, {0: 0.9, 1: 0.5}, {0: [0, 0, 8, 8], 1: [0, 0, 16, 8]})
+    student = poto_outputs(model, a, {0: 0.9, 1: 0.5}, {0: [0, 0, 8, 8], 1: [0, 0, 16, 8]})
     # the instructive features: p0 score .9 and the exact box, p1 score .1 and half of it -> their own would be p0
-    teacher = _poto_row(model, a, {0: 0.9, 1: 0.1}, {0: [0, 0, 16, 8], 1: [8, 0, 16, 8]})
+    teacher = poto_outputs(model, a, {0: 0.9, 1: 0.1}, {0: [0, 0, 16, 8], 1: [8, 0, 16, 8]})
     assert model.assign(targets, student, a[None], [8, 4])[0][0].tolist() == [-1, 0] + [-1] * 10
     assert model.assign(targets, teacher, a[None], [8, 4])[0][0].tolist() == [0] + [-1] * 11
     both = {k: torch.cat([student[k], teacher[k]]) for k in student}

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from lgd.config import FREEZE_ITERS
-from lgd.data.coco import collate
+from lgd.data.coco import UnreadableImages, collate
 from lgd.data.flip import FlippedSubset, hflip
 from lgd.engine import TrainingStep, _batches, build_datasets, build_model, build_optimizer, clip_gradients
-from lgd.data.coco import UnreadableImages
 
 
 def _model(make_config, **over):
