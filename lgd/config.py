@@ -330,9 +330,8 @@ class TrainConfig(Section):
             if self.detector not in DETECTRON2_DETECTORS:
                 yield "detector", (f"backend detectron2 has {', '.join(DETECTRON2_DETECTORS)}; {self.detector} is "
                                    f"torchvision's only")
-            for key, problem in (("backbone", backbone_problem(self.backbone)), ("weights", weights_problem(self.weights))):
-                if problem:
-                    yield key, problem
+            problems = {"backbone": backbone_problem(self.backbone), "weights": weights_problem(self.weights)}
+            yield from ((key, problem) for key, problem in problems.items() if problem)
         if self.detector == "mask_rcnn" and self.data.format != "coco":
             yield "detector", f"mask_rcnn needs instance masks, which data.format {self.data.format} does not have"
         if self.lgd.segm_masks and self.detector != "mask_rcnn":
