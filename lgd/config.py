@@ -261,7 +261,9 @@ class LGDConfig(Section):
     appearance_pooling: Literal["mask", "roialign"] = "mask"
     detach_appearance: Optional[bool] = None  # None: the detector's default (DETECTOR_DEFAULTS)
     use_context: Optional[bool] = None  # None: the detector's default
-    segm_masks: bool = False  # Mask R-CNN: instance masks instead of box masks (Table 10)
+    # Mask R-CNN (Table 10): instance masks instead of box masks for pooling and painting, and each object's mask
+    # inside its box at 7 x 7 appended to its descriptor (the reference's LOAD_LABELMAP)
+    segm_masks: bool = False
     attention_query: Literal["student", "label"] = "student"  # Table 5
     mapper_inputs: Optional[Literal["objects", "context", "both"]] = None  # Table 6(a); None: all available
     shared_head: bool = True  # Table 6(b)

@@ -57,7 +57,8 @@ class Distiller(nn.Module):
             lc = cfg.lgd
             self.teacher = ImplicitTeacher(num_classes, cfg.fpn_channels, lc.num_heads, lc.label_encoder, lc.label_norm,
                                            lc.appearance_pooling, lc.attention_query, cfg.mapper_inputs,
-                                           lc.image_level_tnet, lc.masks_cover_touched_cells)
+                                           lc.image_level_tnet, lc.masks_cover_touched_cells,
+                                           mask_descriptors=lc.segm_masks)
             self.adaptation = AdaptationHead(cfg.fpn_channels)
             # Table 6(b): the instructive features go through the student's own head, or an unshared copy
             self.teacher_heads = None if lc.shared_head else copy.deepcopy(adapter.heads())

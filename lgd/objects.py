@@ -9,8 +9,16 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 from lgd.pyramid import PyramidLayout
+
+MASK_CODE_SIZE = 7  # Table 10: each object's mask inside its box, 7 x 7, appended to its descriptor (the reference's)
+
+
+def descriptor_size(num_classes: int, with_mask_codes: bool = False) -> int:
+    """Length of an object's descriptor: box (4), one-hot class (K), and the mask code (49) with Table 10's."""
+    return 4 + num_classes + (MASK_CODE_SIZE ** 2 if with_mask_codes else 0)
 
 
 @dataclass
@@ -22,18 +30,27 @@ class PackedObjects:
     pad_size: tuple[int, int]  # (H, W) of the padded input batch
     instance_masks: Optional[torch.Tensor] = None  # (B, N, H, W) uint8 at input resolution, or None
     empty_images: int = 0  # images with neither an object nor the context object (known without a host sync)
+    # (B, N, 49) in {0, 1}: each real object's instance mask cropped to its box at 7 x 7, ones for the context
+    # object (Table 10, the reference's LOAD_LABELMAP descriptor); None without instance masks
+    mask_codes: Optional[torch.Tensor] = None
 
     @property
     def objects(self) -> torch.Tensor:
         """(B, N) bool: the real objects (not the context object, not padding)."""
         return self.valid & ~self.is_context
 
-    def descriptors(self, num_classes: int) -> torch.Tensor:
-        """§3.1(1): box / padded size and one-hot class, mapped from [0, 1] to [-1, 1]; (B, N, 4 + K)."""
+    def descriptors(self, num_classes: int, with_mask_codes: bool = False) -> torch.Tensor:
+        """§3.1(1): box / padded size and one-hot class (and, Table 10, the 7 x 7 mask code), mapped from [0, 1]
+        to [-1, 1]; (B, N, 4 + K [+ 49])."""
         h, w = self.pad_size
         scale = self.boxes.new_tensor([w, h, w, h])
         onehot = F.one_hot(self.labels, num_classes + 1)[..., 1:].to(self.boxes.dtype)  # context -> zeros
-        d = torch.cat([self.boxes / scale, onehot], dim=-1) * 2.0 - 1.0
+        parts = [self.boxes / scale, onehot]
+        if with_mask_codes:
+            if self.mask_codes is None:
+                raise ValueError("mask descriptors need the objects' instance masks (pack_objects with_masks)")
+            parts.append(self.mask_codes.to(self.boxes.dtype))
+        d = torch.cat(parts, dim=-1) * 2.0 - 1.0
         return d * self.valid[..., None]
 
     def level_masks(self, size: tuple[int, int], cover_touched_cells: bool = False) -> torch.Tensor:
@@ -102,11 +119,27 @@ def pack_objects(targets: list[dict], image_sizes: list[tuple[int, int]], pad_si
         V[:, 0] = True
         C[:, 0] = True
     P = torch.minimum(P.clamp(min=0), P.new_tensor([W - 1, H - 1, W - 1, H - 1]))
-    masks = None
+    masks = codes = None
     if with_masks:
-        # masks come resized per image; padding them is the one step that needs the per-image list
+        # masks come resized per image; padding them (and cropping each to its box within its own image, as the
+        # reference crops its per-image masks) is the one step that needs the per-image list
         flat = torch.cat([F.pad(t["masks"].to(torch.uint8), (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2]))
                           for t in targets])
         masks = torch.zeros(B, N, H, W, dtype=torch.uint8, device=device)
         masks[img, slot] = flat
-    return PackedObjects(P, L, V, C, (H, W), masks, empty_images=0 if use_context else lens.count(0))
+        codes = torch.zeros(B, N, MASK_CODE_SIZE ** 2, dtype=torch.uint8, device=device)
+        codes[img, slot] = torch.cat([mask_codes(t["masks"], t["boxes"]) for t in targets])
+        if use_context:
+            codes[:, 0] = 1
+    return PackedObjects(P, L, V, C, (H, W), masks, empty_images=0 if use_context else lens.count(0),
+                         mask_codes=codes)
+
+
+def mask_codes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each of one image's instance masks (n, h, w) inside its box (n, 4; not clamped), at 7 x 7: (n, 49) uint8.
+    detectron2's ``BitMasks.crop_and_resize``, which the reference's Table 10 descriptor uses: aligned RoIAlign
+    (sampling points at pixel centres, adaptive sampling), then >= 0.5."""
+    dt = boxes.dtype if boxes.is_floating_point() else torch.float32
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=dt)[:, None], boxes.to(dt)], dim=1)
+    crop = roi_align(masks[:, None].to(dt), rois, MASK_CODE_SIZE, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return (crop >= 0.5).flatten(1).to(torch.uint8)

@@ -7,7 +7,7 @@ from torch import nn
 from lgd.appearance import AppearanceEncoder
 from lgd.knowledge_mapper import KnowledgeMapper
 from lgd.label_encoder import build_label_encoder
-from lgd.objects import PackedObjects
+from lgd.objects import PackedObjects, descriptor_size
 from lgd.pyramid import PyramidLayout
 from lgd.relation_adapter import RelationAdapter
 
@@ -52,13 +52,14 @@ class ImplicitTeacher(nn.Module):
     def __init__(self, num_classes: int, dim: int = 256, heads: int = 8, label_encoder: str = "pointnet",
                  label_norm: str = "layernorm", pooling: str = "mask", query: str = "student",
                  mapper_inputs: str = "both", image_level_tnet: bool = False,
-                 masks_cover_touched_cells: bool = False):
+                 masks_cover_touched_cells: bool = False, mask_descriptors: bool = False):
         super().__init__()
         self.num_classes = num_classes
+        self.mask_descriptors = mask_descriptors  # Table 10: descriptors end with the 7 x 7 mask code
         self.masks_cover_touched_cells = masks_cover_touched_cells
         self._layouts: dict[tuple, PyramidLayout] = {}
-        self.label_encoder = build_label_encoder(label_encoder, 4 + num_classes, dim, label_norm, heads,
-                                                 image_level_tnet)
+        self.label_encoder = build_label_encoder(label_encoder, descriptor_size(num_classes, mask_descriptors), dim,
+                                                 label_norm, heads, image_level_tnet)
         self.appearance_encoder = AppearanceEncoder(dim, pooling)
         self.relation_adapter = RelationAdapter(dim, heads, query)
         self.knowledge_mapper = KnowledgeMapper(dim, mapper_inputs)
@@ -73,7 +74,7 @@ class ImplicitTeacher(nn.Module):
         if objs.empty_images:
             raise ValueError("LGD needs at least one object (or the context object) in every training image")
         masks = objs.pyramid_masks(layout, self.masks_cover_touched_cells)  # once, for pooling and painting
-        label = self.label_encoder(objs.descriptors(self.num_classes), objs.valid)
+        label = self.label_encoder(objs.descriptors(self.num_classes, self.mask_descriptors), objs.valid)
         appearance = self.appearance_encoder(canvas, masks, layout, objs)
         inter = self.relation_adapter(label, appearance, objs.valid)
         return self.knowledge_mapper(inter, masks, layout, objs)

@@ -223,3 +223,18 @@ def test_grid_asking_for_missing_detectron2_exits_2_before_anything(tmp_path):
     assert "pip install --no-build-isolation" in r.stderr and "detectron2-02b5c4e2.tar.gz" in r.stderr
     assert not out.exists() and not (Path(ROOT) / "runs" / "backends").exists()
     assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+def test_mask_codes_equal_detectron2_crop_and_resize(d2):
+    """Table 10's descriptor: our 7 x 7 mask code is detectron2's BitMasks.crop_and_resize, as the reference's
+    label encoder computes it, on random masks and boxes (some past the image's border, some smaller than a pixel)."""
+    from detectron2.structures import BitMasks
+
+    from lgd.objects import mask_codes
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 37, 53, generator=g) < torch.rand(40, 1, 1, generator=g)
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([60.0, 44.0]) - 4
+    boxes = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 30 + 0.3], 1)
+    expected = BitMasks(masks).crop_and_resize(boxes, 7).reshape(40, 49)
+    assert torch.equal(mask_codes(masks.to(torch.uint8), boxes).bool(), expected)

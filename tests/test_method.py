@@ -1,4 +1,6 @@
 """The LGD modules of §3: per-image isolation, permutation, pooling, context, gradients of Eq. 5-7."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,9 +8,10 @@ import torch.nn.functional as F
 from lgd.appearance import AppearanceEncoder
 from lgd.distillation import distillation_loss
 from lgd.label_encoder import build_label_encoder
-from lgd.objects import pack_objects
+from lgd.objects import mask_codes, pack_objects
 from lgd.pyramid import PyramidLayout
 from lgd.relation_adapter import RelationAdapter
+from lgd.teacher import ImplicitTeacher
 
 K = 3
 
@@ -74,6 +77,46 @@ def test_descriptor_layout_and_context_object():
     assert m[0, 0].all()  # context: every cell of the level
     # object at stride 8: x 0..4, y 2..7.875 -> columns 0..4, rows 2..7
     assert m[0, 1, 2:8, 0:5].all() and m[0, 1].sum() == 30
+
+
+def test_mask_code_of_a_half_filled_box():
+    """Table 10: an object's mask inside its box at 7 x 7 (aligned RoIAlign, >= 0.5): a box 14 px wide whose mask
+    fills its 7 left columns gives 2-px bins: bins 0-2 full, bin 3 half (pixels 6 and 7) -> 1, bins 4-6 empty."""
+    masks = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    masks[0, 0:14, 0:7] = 1
+    code = mask_codes(masks, torch.tensor([[0.0, 0.0, 14.0, 14.0]])).reshape(7, 7)
+    assert code.tolist() == [[1, 1, 1, 1, 0, 0, 0]] * 7
+
+
+def test_mask_descriptors_are_appended_and_used_by_the_teacher():
+    """Table 10 (the reference's LOAD_LABELMAP): descriptors end with the 49-value mask code, ones for the context
+    object, zeros for padding; the label encoder takes 4 + K + 49 inputs and the code changes its output."""
+    boxes = torch.tensor([[4.0, 4.0, 18.0, 18.0], [20.0, 2.0, 30.0, 30.0]])
+    full = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    full[0, 4:18, 4:18] = 1
+    full[1, 2:30, 20:30] = 1
+    half = full.clone()
+    half[0, 4:18, 11:18] = 0  # the first object's right half
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": m} for m in (full, half)]
+    targets.append({"boxes": boxes[:1], "labels": torch.tensor([3]), "masks": full[:1]})  # one padding slot
+    p = pack_objects(targets, [(32, 32)] * 3, (32, 32), use_context=True, with_masks=True)
+    d = p.descriptors(K, with_mask_codes=True)
+    assert d.shape == (3, 3, 4 + K + 49)
+    torch.testing.assert_close(d[:, :, :4 + K], p.descriptors(K))  # box and class as before
+    assert (d[:, 0, 4 + K:] == 1).all()  # the context object: a full mask
+    assert (d[0, 1:, 4 + K:] == 1).all()  # full masks: every bin
+    assert (d[1, 1, 4 + K:].reshape(7, 7)[:, 4:] == -1).all() and (d[1, 1, 4 + K:].reshape(7, 7)[:, :3] == 1).all()
+    assert (d[2, 2] == 0).all()  # padding
+    with pytest.raises(ValueError, match="instance masks"):
+        _pack(_targets()).descriptors(K, with_mask_codes=True)
+    torch.manual_seed(0)
+    teacher = ImplicitTeacher(K, 16, 4, mask_descriptors=True).eval()
+    assert teacher.label_encoder(d, p.valid).shape[:2] == (3, 3)
+    f = [torch.randn(3, 16, 8, 8)]
+    out = teacher(f, p)[0]
+    ones = teacher(f, dataclasses.replace(p, mask_codes=torch.ones_like(p.mask_codes)))[0]  # same pooling masks
+    torch.testing.assert_close(out[0], ones[0])  # image 0's masks are full: its codes are all ones already
+    assert not torch.allclose(out[1], ones[1], atol=1e-4)  # image 1's half mask reaches the teacher's output
 
 
 def test_mask_pooling_equals_hand_computed_mean():
