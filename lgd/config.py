@@ -409,6 +409,8 @@ class TrainConfig(Section):
             d["lgd"]["use_context"] = self.use_context
             d["lgd"]["detach_appearance"] = self.detach_appearance
             d["lgd"]["mapper_inputs"] = self.mapper_inputs
+            if self.lgd.segm_masks:  # Table 10's descriptor gained the mask code (2026-12-05): not the earlier trials
+                d["lgd"]["descriptor"] = "box+class+mask7x7"
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
