@@ -186,7 +186,7 @@ def test_foreground_count_and_centerness_sum_are_averaged_over_workers(tmp_path)
     # forked (spawned workers would import torch, torchvision and lgd again: seconds each)
     mp.start_processes(_worker_losses, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
-    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     assert [g["mean"].tolist() for g in got] == [[1.5, 5.0]] * 2
     ctr_sums = [1.0, 1.0 + 2 * math.sqrt(0.2)]
     mean_fg, mean_ctr = 2.0, sum(ctr_sums) / 2
